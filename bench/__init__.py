@@ -1,0 +1,1 @@
+"""Benchmarks (``sgl-adaptive bench``); installed as ``sgl_adaptive.bench``."""

@@ -1,0 +1,42 @@
+"""Adaptive sampling: sequential batches of growing size, stopping once a sample scores high enough.
+
+Round r draws ``batch_sizes(n)[r]`` samples (1, 1, 2, 4, 8 for n = 16) at annealed temperatures
+T(k) for the k-th sample overall, scores them, and stops as soon as the best score reaches the
+threshold, or when the budget is spent.
+"""
+
+from __future__ import annotations
+
+import sglang as sgl
+
+from sgl_adaptive.config import MethodConfig
+from sgl_adaptive.programs.common import (
+    ProgramOutcome,
+    ProgramRun,
+    Sample,
+    best_score,
+    draw,
+    generate,
+    open_prompt,
+    outcome,
+    self_evaluate,
+)
+from sgl_adaptive.schedules import Annealing, ThresholdStop, batch_sizes
+
+
+@sgl.function
+def adaptive_sampling(s, prompt: str, config: MethodConfig) -> ProgramOutcome:
+    with ProgramRun(config) as run:
+        open_prompt(s, prompt)
+        anneal = Annealing(config.temperature, config.anneal)
+        stop = ThresholdStop(config.threshold)
+        samples: list[Sample] = []
+        for round_index, size in enumerate(batch_sizes(config.n)):
+            k = len(samples)
+            batch = draw(run, s, [anneal(k + i) for i in range(size)], round_index, first_index=k)
+            generate(run, batch, config.max_new_tokens)
+            self_evaluate(run, batch)
+            samples += batch
+            if stop.should_stop(best_score(samples)):
+                break
+        return outcome(run, samples)

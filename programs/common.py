@@ -1,0 +1,218 @@
+"""The building blocks the programs share: opening the prompt, drawing forked samples, extending
+them, self-evaluating them in side branches, and turning them into a ``ProgramOutcome``.
+
+This is the programs' whole contact with the SGLang frontend: ``sgl.user``/``assistant_begin``/
+``assistant_end``/``gen``, ``state.fork``/``join``, ``get_meta_info`` and ``error``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import sglang as sgl
+
+from sgl_adaptive.config import MethodConfig
+from sgl_adaptive.costs import CostMeter
+from sgl_adaptive.errors import ProgramError, UserError
+from sgl_adaptive.result import Candidate
+from sgl_adaptive.selfeval import score_from_meta_info
+
+EVAL_VAR = "selfeval"
+
+
+class ProgramRun:
+    """One program execution: its cost meter and every fork it opened (closed on exit, even on error,
+    so no interpreter worker thread outlives the program)."""
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+        self.meter = CostMeter()
+        self._groups: list[Any] = []
+
+    def fork(self, state: Any, n: int) -> Any:
+        group = state.fork(n)
+        self._groups.append(group)
+        return group
+
+    def __enter__(self) -> ProgramRun:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        for group in reversed(self._groups):
+            try:
+                group.join()
+            except Exception:
+                if exc is None:
+                    raise
+        self._groups.clear()
+
+
+@dataclass
+class Sample:
+    """One forked response: its program state, what it generated so far and its evaluations."""
+
+    state: Any
+    index: int
+    temperature: float
+    round: int
+    parts: int = 0
+    tokens: int = 0
+    finished: bool = False
+    exhausted: bool = False
+    """Reached the token budget without finishing."""
+    pruned: bool = False
+    scores: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        """Complete: stopped by the model or by the budget (eligible for selection)."""
+        return self.finished or self.exhausted
+
+    @property
+    def score(self) -> float | None:
+        return self.scores[-1][1] if self.scores else None
+
+    def extend(self, max_tokens: int, config: MethodConfig) -> None:
+        """Queue the generation of up to ``max_tokens`` more tokens (asynchronous)."""
+        self.state += sgl.gen(
+            f"part{self.parts}", max_tokens=max_tokens, temperature=self.temperature, top_p=config.top_p
+        )
+        self.parts += 1
+
+    def collect(self, meter: CostMeter, budget: int) -> int:
+        """Wait for the last queued part; record its cost; return the tokens it generated."""
+        meta = self.state.get_meta_info(f"part{self.parts - 1}")
+        if meta is None:
+            raise_fork_error(self.state, f"sample {self.index}")
+        meter.record("sample", meta)
+        new = int(meta.get("completion_tokens", 0))
+        self.tokens += new
+        self.finished = meta.get("finish_reason", {}).get("type") != "length"
+        self.exhausted = not self.finished and self.tokens >= budget
+        return new
+
+    def text(self) -> str:
+        return "".join(self.state[f"part{i}"] for i in range(self.parts))
+
+    def to_candidate(self) -> Candidate:
+        return Candidate(
+            text=self.text(),
+            score=self.score,
+            finished=self.finished,
+            tokens=self.tokens,
+            temperature=self.temperature,
+            round=self.round,
+            pruned=self.pruned,
+            scores=list(self.scores),
+        )
+
+
+def raise_fork_error(state: Any, what: str) -> None:
+    """Raise the error a fork's thread swallowed (the interpreter only warns about it)."""
+    error = state.error()
+    if isinstance(error, UserError):
+        raise error
+    if error is not None:
+        raise ProgramError(f"{what} failed: {type(error).__name__}: {error}") from error
+    raise ProgramError(f"{what} produced no result")
+
+
+def open_prompt(s: Any, prompt: str) -> None:
+    """The user turn (the chat template's default system prompt is inserted by the interpreter)."""
+    s += sgl.user(prompt)
+    s.text()  # sync, so that fork(n) caches the prompt prefix once before the branches start
+
+
+def draw(
+    run: ProgramRun, s: Any, temperatures: list[float], round_index: int, first_index: int
+) -> list[Sample]:
+    """Fork one branch per temperature from the prompt state, open each assistant turn, count the round."""
+    group = run.fork(s, len(temperatures))
+    run.meter.start_round(len(temperatures))
+    samples = []
+    for i, (branch, temperature) in enumerate(zip(group, temperatures, strict=True)):
+        branch += sgl.assistant_begin()
+        samples.append(Sample(branch, first_index + i, temperature, round_index))
+    return samples
+
+
+def generate(run: ProgramRun, samples: list[Sample], max_tokens: int) -> None:
+    """Extend every sample by up to ``max_tokens`` tokens concurrently; wait; account the longest."""
+    for smp in samples:
+        smp.extend(max_tokens, run.config)
+    longest = 0
+    for smp in samples:
+        longest = max(longest, smp.collect(run.meter, run.config.max_new_tokens))
+    run.meter.add_critical_path(longest)
+
+
+def self_evaluate(run: ProgramRun, samples: list[Sample]) -> None:
+    """Score each sample in a side branch, so the evaluation turn never enters the sample's text.
+
+    The branch closes the (possibly unfinished) assistant turn, asks the evaluation question and
+    opens the assistant turn; one token is decoded with the answer tokens' logprobs.
+    """
+    config = run.config.selfeval
+    branches = []
+    for smp in samples:
+        branch = run.fork(smp.state, 1)  # waits for the sample's pending generation
+        b = branch[0]
+        b += sgl.assistant_end()
+        b += sgl.user(config.prompt)
+        b += sgl.assistant_begin()
+        b += sgl.gen(
+            EVAL_VAR,
+            max_tokens=1,
+            temperature=0.0,
+            return_logprob=True,
+            top_logprobs_num=config.top_logprobs_num,
+            return_text_in_logprobs=True,
+        )
+        branches.append(branch)
+    for smp, branch in zip(samples, branches, strict=True):
+        meta = branch[0].get_meta_info(EVAL_VAR)
+        if meta is None:
+            raise_fork_error(branch[0], f"self-evaluation of sample {smp.index}")
+        run.meter.record("eval", meta)
+        smp.scores.append((smp.tokens, score_from_meta_info(meta, config).score))
+
+
+def best_index(samples: list[Sample]) -> int:
+    """Highest score among complete samples; ties go to the earliest drawn (lowest temperature first
+    under annealing). Falls back to all samples if none is complete."""
+    pool = [s for s in samples if s.done] or samples
+    scored = [s for s in pool if s.score is not None]
+    if not scored:
+        return pool[0].index
+    best = max(scored, key=lambda s: (s.score, -s.index))
+    return best.index
+
+
+def best_score(samples: list[Sample]) -> float | None:
+    scores = [s.score for s in samples if s.done and s.score is not None]
+    return max(scores) if scores else None
+
+
+def keep_top(samples: list[Sample], k: int) -> list[Sample]:
+    """The ``k`` best-scored samples (ties to the earliest); the others are marked pruned if unfinished."""
+    ranked = sorted(samples, key=lambda s: (-(s.score if s.score is not None else -1.0), s.index))
+    kept = ranked[:k]
+    for smp in ranked[k:]:
+        smp.pruned = not smp.done
+    return sorted(kept, key=lambda s: s.index)
+
+
+@dataclass
+class ProgramOutcome:
+    """What every program returns (``state.ret_value``); the runner adds wall time and FLOPs."""
+
+    candidates: list[Candidate]
+    best: int
+    meter: CostMeter
+
+
+def outcome(run: ProgramRun, samples: list[Sample]) -> ProgramOutcome:
+    ordered = sorted(samples, key=lambda s: s.index)
+    return ProgramOutcome([s.to_candidate() for s in ordered], best_index(ordered), run.meter)

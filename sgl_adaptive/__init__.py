@@ -1,0 +1,52 @@
+"""sgl-adaptive: adaptive Best-of-N with capability-aware self-evaluation, as SGLang programs.
+
+from sgl_adaptive import LocalBackend, SGLangEndpoint, run
+backend = LocalBackend.from_pretrained("path/to/model")      # or SGLangEndpoint("http://127.0.0.1:30000")
+result = run("What is 17 * 23?", backend, method="adaptive", n=8, threshold=0.9)
+print(result.answer, result.summary())
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sgl_adaptive.config import METHODS, MethodConfig
+from sgl_adaptive.costs import Costs
+from sgl_adaptive.errors import UserError
+from sgl_adaptive.result import Candidate, Result
+from sgl_adaptive.runner import load_backend, run
+from sgl_adaptive.selfeval import DEFAULT_EVAL_PROMPT, SelfEvalConfig
+
+if TYPE_CHECKING:
+    from sgl_adaptive.backends.endpoint import SGLangEndpoint
+    from sgl_adaptive.backends.local import LocalBackend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_EVAL_PROMPT",
+    "METHODS",
+    "Candidate",
+    "Costs",
+    "LocalBackend",
+    "MethodConfig",
+    "Result",
+    "SGLangEndpoint",
+    "SelfEvalConfig",
+    "UserError",
+    "load_backend",
+    "run",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Backends import torch/sglang: load them on first use."""
+    if name == "LocalBackend":
+        from sgl_adaptive.backends.local import LocalBackend
+
+        return LocalBackend
+    if name == "SGLangEndpoint":
+        from sgl_adaptive.backends.endpoint import SGLangEndpoint
+
+        return SGLangEndpoint
+    raise AttributeError(name)

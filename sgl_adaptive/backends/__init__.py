@@ -1,0 +1,1 @@
+"""Backends: a real SGLang server (``endpoint``) and the in-process Hugging Face engine (``local``)."""

@@ -1,0 +1,97 @@
+"""The ``sgl-adaptive`` command line (typer)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from sgl_adaptive.config import METHODS, MethodConfig
+from sgl_adaptive.errors import ProgramError, UserError
+
+app = typer.Typer(
+    name="sgl-adaptive",
+    help="Adaptive Best-of-N sampling with capability-aware self-evaluation, on SGLang.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print a one-line error to stderr and return the exit to raise."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@app.callback()
+def main() -> None:
+    """Adaptive Best-of-N sampling with capability-aware self-evaluation, on SGLang."""
+
+
+@app.command("run")
+def run_command(
+    prompt: Annotated[str, typer.Argument(help="The user prompt.")],
+    model: Annotated[
+        str | None,
+        typer.Option(help="HF model dir, GGUF file or hub name (default: the embedded 0.5B model)."),
+    ] = None,
+    endpoint: Annotated[str | None, typer.Option(help="URL of a running SGLang server.")] = None,
+    method: Annotated[str, typer.Option(help=f"One of: {', '.join(METHODS)}.")] = "adaptive",
+    n: Annotated[int, typer.Option(help="Sample budget.")] = 16,
+    threshold: Annotated[
+        float, typer.Option(help="Adaptive sampling stops once the best score reaches it.")
+    ] = 0.98,
+    prune_at: Annotated[
+        int, typer.Option(help="Tokens before partial responses are scored (pruning).")
+    ] = 128,
+    keep: Annotated[int, typer.Option(help="Samples continued after the pruning point.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="Token budget per sample.")] = 512,
+    temperature: Annotated[
+        float, typer.Option(help="Sampling temperature (annealed by adaptive methods).")
+    ] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    anneal: Annotated[str, typer.Option(help="Temperature annealing: paper or none.")] = "paper",
+    seed: Annotated[int, typer.Option(help="Seed of the in-process backend.")] = 0,
+    device: Annotated[str | None, typer.Option(help="In-process backend device (cpu, cuda).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
+) -> None:
+    """Answer PROMPT with a method; print the answer and a one-line cost summary."""
+    from sgl_adaptive.runner import load_backend, run
+
+    try:
+        if not prompt.strip():
+            raise UserError("the prompt is empty")
+        config = MethodConfig(
+            n=n,
+            threshold=threshold,
+            prune_at=prune_at,
+            keep=keep,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            anneal=anneal,  # type: ignore[arg-type]
+            seed=seed,
+        )
+        config.check_for(method)
+        with err.status("loading the model …" if not endpoint else f"connecting to {endpoint} …"):
+            backend = load_backend(model, endpoint, seed=seed, device=device, console=err)
+        with err.status(f"running {method} …"):
+            result = run(prompt, backend, method, config)
+    except (UserError, ProgramError) as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted", 130) from None
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
+    else:
+        typer.echo(result.answer)
+        err.print(result.summary(), highlight=False, soft_wrap=True)
+
+
+if __name__ == "__main__":
+    app()

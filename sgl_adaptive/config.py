@@ -1,0 +1,63 @@
+"""The options of every program, in one validated dataclass (the CLI and the API are built on it)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from sgl_adaptive.errors import UserError
+from sgl_adaptive.selfeval import SelfEvalConfig
+
+Method = Literal["greedy", "best-of-n", "adaptive", "prune", "adaptive-prune"]
+METHODS: tuple[str, ...] = ("greedy", "best-of-n", "adaptive", "prune", "adaptive-prune")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Knobs of the programs; each program reads the ones it needs."""
+
+    n: int = 16
+    """Sample budget (Best-of-N size; the cap of adaptive sampling)."""
+    threshold: float = 0.98
+    """Adaptive sampling stops once the best score reaches it (1.0: never stop early)."""
+    prune_at: int = 128
+    """Early pruning: tokens generated before the partial responses are scored."""
+    keep: int = 4
+    """Early pruning: samples continued after the pruning point (of n)."""
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 1.0
+    anneal: Literal["paper", "none"] = "paper"
+    """Temperature annealing over the samples drawn so far (adaptive methods; best-of-n with ``anneal_best_of_n``)."""
+    anneal_best_of_n: bool = False
+    """Apply the annealing schedule to plain Best-of-N too (a paper ablation)."""
+    seed: int | None = 0
+    selfeval: SelfEvalConfig = field(default_factory=SelfEvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise UserError(f"--n must be at least 1 (got {self.n})")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise UserError(f"--threshold must be within [0, 1] (got {self.threshold})")
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.prune_at < 1:
+            raise UserError(f"--prune-at must be at least 1 (got {self.prune_at})")
+        if self.keep < 1:
+            raise UserError(f"--keep must be at least 1 (got {self.keep})")
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0 (got {self.temperature})")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"--top-p must be within (0, 1] (got {self.top_p})")
+        if self.anneal not in ("paper", "none"):
+            raise UserError(f"--anneal must be 'paper' or 'none' (got {self.anneal!r})")
+
+    def check_for(self, method: str) -> None:
+        """Checks that depend on the method."""
+        if method not in METHODS:
+            raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if method in ("prune", "adaptive-prune") and self.keep > self.n:
+            raise UserError(f"--keep must not exceed --n for {method} (got keep={self.keep}, n={self.n})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

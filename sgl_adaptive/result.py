@@ -1,0 +1,91 @@
+"""The result structure every program returns, and its JSON form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sgl_adaptive.costs import Costs
+
+
+@dataclass
+class Candidate:
+    """One sample: its text so far, its latest self-evaluation and how it ended."""
+
+    text: str
+    score: float | None
+    finished: bool
+    """Stopped by the model (end of turn or a stop string) rather than by a token limit or pruning."""
+    tokens: int
+    temperature: float = 0.0
+    round: int = 0
+    pruned: bool = False
+    scores: list[tuple[int, float]] = field(default_factory=list)
+    """Every evaluation of this sample as (tokens generated when evaluated, score)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "score": self.score,
+            "finished": self.finished,
+            "tokens": self.tokens,
+            "temperature": self.temperature,
+            "round": self.round,
+            "pruned": self.pruned,
+            "scores": [list(s) for s in self.scores],
+        }
+
+
+@dataclass
+class Result:
+    """What a method returns: the chosen answer, every candidate and the costs."""
+
+    method: str
+    candidates: list[Candidate]
+    best: int
+    costs: Costs
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def answer(self) -> str:
+        return self.candidates[self.best].text
+
+    @property
+    def score(self) -> float | None:
+        return self.candidates[self.best].score
+
+    def to_json(self) -> dict[str, Any]:
+        c = self.costs
+        return {
+            "answer": self.answer,
+            "method": self.method,
+            "score": self.score,
+            "best": self.best,
+            "samples": c.samples,
+            "batches": c.batches,
+            "candidates": [cand.to_json() for cand in self.candidates],
+            "tokens": {
+                "generated": c.generated_tokens,
+                "prefill": c.prefill_tokens,
+                "cached": c.cached_tokens,
+            },
+            "self_evals": c.self_evals,
+            "eval_prefill": c.eval_prefill_tokens,
+            "eval_prefill_per_eval": c.eval_prefill_per_eval,
+            "critical_path_tokens": c.critical_path_tokens,
+            "flops": c.flops,
+            "wall_s": round(c.wall_s, 3),
+            "config": self.config,
+        }
+
+    def summary(self) -> str:
+        """One line of costs, for humans."""
+        c = self.costs
+        per_eval = f"{c.eval_prefill_per_eval:.1f}" if c.eval_prefill_per_eval is not None else "-"
+        flops = f"{c.flops:.3g}" if c.flops is not None else "n/a"
+        score = f"{self.score:.3f}" if self.score is not None else "-"
+        return (
+            f"{self.method}: score {score} | samples {c.samples} in {c.batches} batches | "
+            f"generated {c.generated_tokens} tok | prefill {c.prefill_tokens} new + {c.cached_tokens} cached | "
+            f"self-evals {c.self_evals} ({per_eval} new tok each) | FLOPs {flops} | {c.wall_s:.1f} s"
+        )

@@ -1,0 +1,54 @@
+"""Schedules of adaptive sampling: batch sizes, temperature annealing and the stopping rule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+def batch_sizes(budget: int) -> list[int]:
+    """Sequential batch sizes 1, 1, 2, 4, 8, ... (each doubling the samples so far), capped at the budget.
+
+    For a budget of 16 this is the paper's 1, 1, 2, 4, 8: latency grows with log2 of the budget.
+    """
+    if budget < 1:
+        raise ValueError("the sample budget must be at least 1")
+    sizes: list[int] = []
+    drawn = 0
+    while drawn < budget:
+        size = min(max(drawn, 1), budget - drawn)
+        sizes.append(size)
+        drawn += size
+    return sizes
+
+
+@dataclass(frozen=True)
+class Annealing:
+    """Temperature as a function of how many samples were already drawn (k).
+
+    ``paper``: T(k) = T * (1 - 2**-k): the first sample is greedy, then 0.5T, 0.75T, ...
+    (significant annealing only on the first few samples). ``none``: T(k) = T.
+    """
+
+    temperature: float
+    kind: Literal["paper", "none"] = "paper"
+
+    def __call__(self, k: int) -> float:
+        if self.kind == "none":
+            return self.temperature
+        return self.temperature * (1.0 - 2.0 ** (-k))
+
+
+@dataclass(frozen=True)
+class ThresholdStop:
+    """Stop drawing once the best self-evaluation score reaches the threshold.
+
+    A threshold of 1.0 never stops early (the paper's convention: the full budget is drawn).
+    """
+
+    threshold: float
+
+    def should_stop(self, best_score: float | None) -> bool:
+        if best_score is None or self.threshold >= 1.0:
+            return False
+        return best_score >= self.threshold

@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny random chat model built once per session, and backends over it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sgl_adaptive.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def backend(tiny_model_dir: Path):
+    """The in-process backend on the tiny model (shared: tests reseed through ``run``)."""
+    from sgl_adaptive.backends.local import LocalBackend
+
+    b = LocalBackend.from_pretrained(str(tiny_model_dir), device="cpu")
+    yield b
+    b.shutdown()
+
+
+@pytest.fixture()
+def endless_backend(tiny_model_dir: Path):
+    """A backend whose model never ends a turn: every sample runs to its token budget."""
+    from sgl_adaptive.backends.local import LocalBackend
+
+    b = LocalBackend.from_pretrained(str(tiny_model_dir), device="cpu")
+    b.engine.eos_token_ids = frozenset()
+    yield b
+    b.shutdown()
