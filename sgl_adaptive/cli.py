@@ -93,5 +93,35 @@ def run_command(
         err.print(result.summary(), highlight=False, soft_wrap=True)
 
 
+@app.command("serve")
+def serve_command(
+    model: Annotated[
+        str | None, typer.Option(help="HF model dir, GGUF file or hub name (default: embedded).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 30000,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+) -> None:
+    """Serve the in-process backend over SGLang's HTTP API (for machines that cannot run the SGLang server)."""
+    import time
+
+    from sgl_adaptive.backends.http_server import serve
+    from sgl_adaptive.runner import load_backend
+
+    try:
+        with err.status("loading the model …"):
+            backend = load_backend(model, None, seed=seed, device=device, console=err)
+        server = serve(backend, host, port)
+    except (UserError, OSError) as exc:
+        raise fail(str(exc)) from None
+    err.print(f"serving {backend.model_path} on http://{host}:{server.server_address[1]} (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
 if __name__ == "__main__":
     app()

@@ -5,7 +5,14 @@ from sgl_adaptive.schedules import Annealing, ThresholdStop, batch_sizes
 
 @pytest.mark.parametrize(
     ("budget", "sizes"),
-    [(1, [1]), (2, [1, 1]), (4, [1, 1, 2]), (5, [1, 1, 2, 1]), (16, [1, 1, 2, 4, 8]), (20, [1, 1, 2, 4, 8, 4])],
+    [
+        (1, [1]),
+        (2, [1, 1]),
+        (4, [1, 1, 2]),
+        (5, [1, 1, 2, 1]),
+        (16, [1, 1, 2, 4, 8]),
+        (20, [1, 1, 2, 4, 8, 4]),
+    ],
 )
 def test_batch_sizes_double_and_are_capped_at_the_budget(budget, sizes):
     assert batch_sizes(budget) == sizes

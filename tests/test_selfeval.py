@@ -25,7 +25,13 @@ def test_score_is_renormalised_probability_of_no():
 
 
 def test_variants_with_leading_space_and_case_are_summed():
-    entries = [entry(0.3, 1, "No"), entry(0.1, 2, " No"), entry(0.05, 3, "NO"), entry(0.15, 4, " yes"), entry(0.05, 5, "Yes")]
+    entries = [
+        entry(0.3, 1, "No"),
+        entry(0.1, 2, " No"),
+        entry(0.05, 3, "NO"),
+        entry(0.15, 4, " yes"),
+        entry(0.05, 5, "Yes"),
+    ]
     s = score_from_logprobs(entries, CFG)
     assert s.p_keep == pytest.approx(0.45)
     assert s.p_retry == pytest.approx(0.2)
@@ -33,7 +39,9 @@ def test_variants_with_leading_space_and_case_are_summed():
 
 
 def test_unrelated_tokens_do_not_count():
-    s = score_from_logprobs([entry(0.5, 1, "Not"), entry(0.2, 2, "Nope"), entry(0.1, 3, " Yesterday"), entry(0.1, 4, "Yes")], CFG)
+    s = score_from_logprobs(
+        [entry(0.5, 1, "Not"), entry(0.2, 2, "Nope"), entry(0.1, 3, " Yesterday"), entry(0.1, 4, "Yes")], CFG
+    )
     assert s.p_keep == 0.0
     assert s.score == 0.0
 
@@ -49,7 +57,9 @@ def test_no_answer_tokens_gives_an_uninformative_half():
 
 def test_custom_answer_words():
     cfg = SelfEvalConfig(prompt="Keep it?", keep_word="Keep", retry_word="Retry")
-    assert score_from_logprobs([entry(0.3, 1, " keep"), entry(0.1, 2, "Retry")], cfg).score == pytest.approx(0.75)
+    assert score_from_logprobs([entry(0.3, 1, " keep"), entry(0.1, 2, "Retry")], cfg).score == pytest.approx(
+        0.75
+    )
 
 
 def test_meta_info_prefers_exact_ids_over_top_k():
