@@ -9,6 +9,7 @@ from sgl_adaptive.programs.best_of_n import best_of_n
 from sgl_adaptive.programs.common import ProgramOutcome
 from sgl_adaptive.programs.early_pruning import early_pruning
 from sgl_adaptive.programs.greedy import greedy
+from sgl_adaptive.programs.pool import sample_pool
 
 PROGRAMS = {
     "greedy": greedy,
@@ -26,4 +27,5 @@ __all__ = [
     "best_of_n",
     "early_pruning",
     "greedy",
+    "sample_pool",
 ]

@@ -22,6 +22,14 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
+def _add_subcommands() -> None:
+    from sgl_adaptive.bench.cli import app as bench_app
+    from sgl_adaptive.finetune.cli import app as finetune_app
+
+    app.add_typer(finetune_app, name="finetune")
+    app.add_typer(bench_app, name="bench")
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print a one-line error to stderr and return the exit to raise."""
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
@@ -122,6 +130,8 @@ def serve_command(
     except KeyboardInterrupt:
         server.shutdown()
 
+
+_add_subcommands()
 
 if __name__ == "__main__":
     app()

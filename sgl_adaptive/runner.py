@@ -27,23 +27,31 @@ def run(
     any SGLang frontend backend). ``overrides`` replace fields of ``config`` (e.g. ``n=8``)."""
     from sgl_adaptive.programs import PROGRAMS
 
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise UserError("the prompt is empty")
     config = dataclasses.replace(config or MethodConfig(), **overrides)
     config.check_for(method)
+    return run_program(PROGRAMS[method], prompt, backend, config, name=method)
+
+
+def run_program(
+    program: Any, prompt: str, backend: Any, config: MethodConfig, name: str, **program_args: Any
+) -> Result:
+    """Run any of our ``@sgl.function`` programs (e.g. ``sample_pool``) and build its ``Result``:
+    errors of the program or of any fork are raised, wall time and FLOPs are added."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise UserError("the prompt is empty")
     if config.seed is not None and hasattr(backend, "reseed"):
         backend.reseed(config.seed)
     start = time.perf_counter()
-    state = PROGRAMS[method].run(prompt=prompt, config=config, backend=backend)
+    state = program.run(prompt=prompt, config=config, backend=backend, **program_args)
     wall = time.perf_counter() - start
     error = state.error()
     if error is not None:
         if isinstance(error, UserError):
             raise error
-        raise ProgramError(f"{method} failed: {type(error).__name__}: {error}") from error
+        raise ProgramError(f"{name} failed: {type(error).__name__}: {error}") from error
     outcome = state.ret_value
     costs = outcome.meter.totals(getattr(backend, "model_shape", None), wall_s=wall)
-    return Result(method, outcome.candidates, outcome.best, costs, config.to_dict())
+    return Result(name, outcome.candidates, outcome.best, costs, config.to_dict())
 
 
 def load_backend(

@@ -169,3 +169,14 @@ def test_a_failing_fork_is_not_dropped(tiny_model_dir):
     with pytest.raises(ProgramError, match="boom"):
         run(PROMPT, failing, "best-of-n", n=3, **SMALL)
     failing.shutdown()
+
+
+def test_sample_pool_scores_every_budget(endless_backend):
+    from sgl_adaptive.programs import sample_pool
+    from sgl_adaptive.runner import run_program
+
+    config = MethodConfig(n=3, max_new_tokens=12, temperature=1.0)
+    r = run_program(sample_pool, PROMPT, endless_backend, config, name="pool", budgets=(4, 8, 30))
+    assert len(r.candidates) == 3
+    assert all([t for t, _ in c.scores] == [4, 8, 12] for c in r.candidates)
+    assert r.costs.self_evals == 9 and r.costs.batches == 1

@@ -1,0 +1,46 @@
+"""A pool of N samples scored at every token budget: one generation, many offline decisions.
+
+Each sample is generated in segments that end at the budgets (e.g. 16, 32, 64, 128, 256 tokens,
+then the token limit) and self-evaluated in a side branch after each segment, so every candidate
+carries ``scores = [(tokens so far, score), ...]``. Sweeps of thresholds and pruning points
+(``bench --mode sweep``) and training data with mid-generation prefixes are computed from it.
+"""
+
+from __future__ import annotations
+
+import sglang as sgl
+
+from sgl_adaptive.config import MethodConfig
+from sgl_adaptive.programs.common import (
+    ProgramOutcome,
+    ProgramRun,
+    draw,
+    generate,
+    open_prompt,
+    outcome,
+    self_evaluate,
+)
+from sgl_adaptive.schedules import Annealing
+
+
+@sgl.function
+def sample_pool(
+    s, prompt: str, config: MethodConfig, budgets: tuple[int, ...] = (), evaluate: bool = True
+) -> ProgramOutcome:
+    """``config.n`` samples (annealed when ``config.anneal_best_of_n``), scored at each budget < the
+    token limit and at the end (when ``evaluate``)."""
+    with ProgramRun(config) as run:
+        open_prompt(s, prompt)
+        anneal = Annealing(config.temperature, config.anneal if config.anneal_best_of_n else "none")
+        samples = draw(run, s, [anneal(k) for k in range(config.n)], round_index=0, first_index=0)
+        points = sorted({b for b in budgets if 0 < b < config.max_new_tokens} | {config.max_new_tokens})
+        done_tokens = 0
+        for point in points:
+            active = [smp for smp in samples if not smp.done]
+            if not active:
+                break
+            generate(run, active, point - done_tokens)
+            done_tokens = point
+            if evaluate:
+                self_evaluate(run, active)
+        return outcome(run, samples)
