@@ -114,3 +114,19 @@ def chat_template_for(tokenizer: Any | None, model_path: str, name: str | None =
                 stacklevel=2,
             )
     return get_chat_template_by_model_path(model_path)
+
+
+def render_selfeval_prompt(template: ChatTemplate, prompt: str, response: str, eval_prompt: str) -> str:
+    """The exact text a program sends for a self-evaluation: [system default][user: prompt]
+    [assistant: response][user: eval_prompt] and the opened assistant turn.
+
+    Training data must use this text so that the fine-tuned model sees at training time what the
+    programs send it at inference time (``tests/test_programs.py`` checks that the two agree)."""
+    roles = template.role_prefix_and_suffix
+    text = ""
+    if template.default_system_prompt:
+        text += roles["system"][0] + template.default_system_prompt + roles["system"][1]
+    text += roles["user"][0] + prompt + roles["user"][1]
+    text += roles["assistant"][0] + response + roles["assistant"][1]
+    text += roles["user"][0] + eval_prompt + roles["user"][1]
+    return text + roles["assistant"][0]

@@ -180,3 +180,30 @@ def test_sample_pool_scores_every_budget(endless_backend):
     assert len(r.candidates) == 3
     assert all([t for t, _ in c.scores] == [4, 8, 12] for c in r.candidates)
     assert r.costs.self_evals == 9 and r.costs.batches == 1
+
+
+class RecordingBackend(LocalBackend):
+    """Remembers the text of every one-token request (the self-evaluations)."""
+
+    def complete(self, text, sampling_params, token_ids_logprob=None):
+        if sampling_params.max_new_tokens == 1:
+            self.eval_texts.append(text)
+        return super().complete(text, sampling_params, token_ids_logprob)
+
+
+def test_training_text_equals_what_the_programs_send(tiny_model_dir):
+    from sgl_adaptive.chat_template import render_selfeval_prompt
+
+    rec = RecordingBackend.from_pretrained(str(tiny_model_dir), device="cpu")
+    rec.eval_texts = []
+    r = run(PROMPT, rec, "prune", n=2, keep=1, **SMALL)
+    rendered = {
+        render_selfeval_prompt(rec.chat_template, PROMPT, c.text, rec.selfeval.prompt) for c in r.candidates
+    }
+    assert set(rec.eval_texts) >= {t for t in rendered if t in rec.eval_texts}
+    final = [c for c in r.candidates if len(c.scores) == 2]
+    assert (
+        render_selfeval_prompt(rec.chat_template, PROMPT, final[0].text, rec.selfeval.prompt)
+        in rec.eval_texts
+    )
+    rec.shutdown()

@@ -4,4 +4,6 @@ from __future__ import annotations
 
 import typer
 
-app = typer.Typer(help="Build self-evaluation data, train the self-evaluator, evaluate it.", no_args_is_help=True)
+app = typer.Typer(
+    help="Build self-evaluation data, train the self-evaluator, evaluate it.", no_args_is_help=True
+)
