@@ -196,6 +196,7 @@ def test_training_text_equals_what_the_programs_send(tiny_model_dir):
 
     rec = RecordingBackend.from_pretrained(str(tiny_model_dir), device="cpu")
     rec.eval_texts = []
+    rec.engine.eos_token_ids = frozenset()  # both samples reach the pruning point unfinished
     r = run(PROMPT, rec, "prune", n=2, keep=1, **SMALL)
     final = [c for c in r.candidates if len(c.scores) == 2]
     assert len(final) == 1 and len(rec.eval_texts) == 3
