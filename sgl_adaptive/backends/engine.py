@@ -181,7 +181,12 @@ class BatchedEngine:
                 if not req.future.done():
                     req.future.set_exception(exc)
         if new_rows:
-            self._merge(new_rows)
+            try:
+                self._merge(new_rows)
+            except Exception as exc:  # never leave a caller waiting on a future nobody will resolve
+                for row, _ in new_rows:
+                    if not row.req.future.done():
+                        row.req.future.set_exception(exc)
 
     def _prefill(self, req: GenerationRequest) -> tuple[KV, torch.Tensor, int, list | None]:
         ids = req.ids
