@@ -76,8 +76,8 @@ Converter = Callable[[Path, Path, Console], None]
 
 
 def cache_root() -> Path:
-    """$SGL_ADAPTIVE_CACHE, else $XDG_CACHE_HOME/sgl-adaptive, else ~/.cache/sgl-adaptive."""
-    if env := os.environ.get("SGL_ADAPTIVE_CACHE"):
+    """$SGLADAPTIVE_CACHE, else $XDG_CACHE_HOME/sgl-adaptive, else ~/.cache/sgl-adaptive."""
+    if env := os.environ.get("SGLADAPTIVE_CACHE"):
         return Path(env).expanduser()
     if xdg := os.environ.get("XDG_CACHE_HOME"):
         return Path(xdg).expanduser() / "sgl-adaptive"

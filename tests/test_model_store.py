@@ -25,7 +25,7 @@ def console() -> Console:
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "cache"
-    monkeypatch.setenv("SGL_ADAPTIVE_CACHE", str(cache))
+    monkeypatch.setenv("SGLADAPTIVE_CACHE", str(cache))
     return cache
 
 
@@ -77,10 +77,10 @@ class _Converter:
 
 
 def test_cache_root_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("SGL_ADAPTIVE_CACHE", str(tmp_path / "a"))
+    monkeypatch.setenv("SGLADAPTIVE_CACHE", str(tmp_path / "a"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert ms.cache_root() == tmp_path / "a"
-    monkeypatch.delenv("SGL_ADAPTIVE_CACHE")
+    monkeypatch.delenv("SGLADAPTIVE_CACHE")
     assert ms.cache_root() == tmp_path / "xdg" / "sgl-adaptive"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
