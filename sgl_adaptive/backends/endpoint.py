@@ -14,9 +14,13 @@ from typing import Any
 
 import requests
 from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
-from sglang.lang.global_config import global_config
 from sglang.lang.interpreter import StreamExecutor
 from sglang.lang.ir import SglSamplingParams
+
+try:  # sglang >= 0.5.21; the GPU recipe carries 0.5.17, where the frontend is otherwise identical
+    from sglang.lang.global_config import global_config
+except ImportError:  # pragma: no cover
+    from sglang.global_config import global_config
 
 from sgl_adaptive.chat_template import chat_template_for
 from sgl_adaptive.costs import ModelShape
