@@ -1,7 +1,179 @@
-"""``sgl-adaptive bench``."""
+"""``sgl-adaptive bench``: quality against compute, method against method.
+
+sgl-adaptive bench (--model PATH | --endpoint URL) --dataset NAME_OR_FILE --out DIR [options]
+sgl-adaptive bench report DIR
+"""
 
 from __future__ import annotations
 
-import typer
+from pathlib import Path
+from typing import Annotated
 
-app = typer.Typer(help="Benchmark methods: quality against compute.", no_args_is_help=True)
+import typer
+from rich.console import Console
+
+from sgl_adaptive.errors import ProgramError, UserError
+
+app = typer.Typer(
+    help=(
+        "Benchmark methods: quality against compute. Results go to DIR/results.jsonl, one line per "
+        "question x method x config; rerunning the same command resumes. `bench report DIR` re-prints."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+)
+err = Console(stderr=True)
+
+ALL_METHODS = "greedy,best-of-n,rm-best-of-n,judge-best-of-n,majority,oracle,adaptive,prune,adaptive-prune"
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def parse_list(value: str | None, kind: type, option: str) -> list | None:
+    """``"0.9,0.98"`` -> [0.9, 0.98]; a bad entry is a one-line error."""
+    if value is None:
+        return None
+    try:
+        items = [kind(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option}: expected {kind.__name__}s separated by commas (got {value!r})") from None
+    if not items:
+        raise UserError(f"{option} is empty")
+    return items
+
+
+@app.callback(invoke_without_command=True)
+def bench(
+    ctx: typer.Context,
+    model: Annotated[
+        str | None,
+        typer.Option(help="HF model dir, GGUF file or hub name (default: the embedded 0.5B model)."),
+    ] = None,
+    endpoint: Annotated[
+        str | None, typer.Option(help="URL of a running SGLang server (or an sglang-router).")
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="gsm8k, gsm8k-dev, math-500, a HF name org/name, or a .jsonl file."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for results.jsonl, summary.md and the plots.")
+    ] = None,
+    methods: Annotated[str, typer.Option(help=f"Comma-separated, or 'all': {ALL_METHODS}.")] = (
+        "greedy,best-of-n,adaptive,prune"
+    ),
+    n: Annotated[int, typer.Option(help="Sample budget N.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Token budget per sample.")] = 512,
+    mode: Annotated[
+        str, typer.Option(help="live: run each method; sweep: one scored pool per question, curves offline.")
+    ] = "live",
+    limit: Annotated[int | None, typer.Option(help="First N questions (in the dataset's order).")] = None,
+    split: Annotated[
+        str | None, typer.Option(help="Dataset split (gsm8k: test; gsm8k-dev: dev or train; math-500: test).")
+    ] = None,
+    parallel: Annotated[int, typer.Option(help="Questions run concurrently.")] = 1,
+    threshold: Annotated[
+        str | None,
+        typer.Option(
+            help="Adaptive thresholds, comma-separated (live default 0.98; sweep: a grid 0.5 … 1.0)."
+        ),
+    ] = None,
+    prune_at: Annotated[
+        str | None,
+        typer.Option(
+            help="Pruning budgets in tokens, comma-separated (live default: 64 or 128; sweep: all)."
+        ),
+    ] = None,
+    keep: Annotated[
+        str | None, typer.Option(help="Samples kept after pruning, comma-separated (live default N/4).")
+    ] = None,
+    budgets: Annotated[
+        str, typer.Option(help="Sweep: token budgets at which the pool is self-evaluated.")
+    ] = "16,32,64,128,256",
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    anneal: Annotated[
+        str, typer.Option(help="Temperature annealing (adaptive methods; the sweep pool): paper or none.")
+    ] = "paper",
+    seed: Annotated[int, typer.Option(help="Seed of the in-process backend.")] = 0,
+    device: Annotated[str | None, typer.Option(help="In-process device (cpu, cuda).")] = None,
+    reward_model: Annotated[
+        str | None, typer.Option(help="HF reward model (sequence classification) for rm-best-of-n.")
+    ] = None,
+    judge_model: Annotated[
+        str | None,
+        typer.Option(help="HF reward model that grades general prompts (default: --reward-model)."),
+    ] = None,
+    judge_prompt: Annotated[
+        str | None, typer.Option(help="Question of the zero-shot judge (judge-best-of-n).")
+    ] = None,
+    data_root: Annotated[
+        str | None, typer.Option(help="Folder holding gsm8k-train.jsonl (default: ../shared/data).")
+    ] = None,
+    task: Annotated[
+        str | None, typer.Option(help="Override the task detected from the fields: gsm8k, math, general.")
+    ] = None,
+) -> None:
+    """Run METHODS on a dataset and report accuracy against samples, batches, tokens, FLOPs and wall time.
+
+    Results are appended to DIR/results.jsonl, one line per question x method x config; a rerun of the
+    same command skips what is there (resume after a crash or Ctrl-C). `bench report DIR` re-prints.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from .harness import BenchOptions, interrupted_exit, run_bench
+    from .judge import DEFAULT_JUDGE_PROMPT
+
+    try:
+        if dataset is None:
+            raise UserError("--dataset is required (gsm8k, gsm8k-dev, math-500, org/name or a .jsonl file)")
+        if out is None:
+            raise UserError("--out DIR is required")
+        opts = BenchOptions(
+            dataset=dataset,
+            out=out,
+            model=model,
+            endpoint=endpoint,
+            split=split,
+            data_root=data_root,
+            task=task,
+            limit=limit,
+            methods=ALL_METHODS.split(",") if methods.strip() == "all" else methods.split(","),
+            n=n,
+            max_new_tokens=max_new_tokens,
+            mode=mode,
+            parallel=parallel,
+            thresholds=parse_list(threshold, float, "--threshold"),
+            prune_ats=parse_list(prune_at, int, "--prune-at"),
+            keeps=parse_list(keep, int, "--keep"),
+            budgets=parse_list(budgets, int, "--budgets") or [],
+            temperature=temperature,
+            top_p=top_p,
+            anneal=anneal,
+            seed=seed,
+            device=device,
+            reward_model=reward_model,
+            judge_model=judge_model,
+            judge_prompt=judge_prompt or DEFAULT_JUDGE_PROMPT,
+        )
+        run_bench(opts, err)
+    except (UserError, ProgramError) as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        interrupted_exit(err, out or Path("."))
+
+
+@app.command("report")
+def report(
+    out_dir: Annotated[Path, typer.Argument(help="A folder written by sgl-adaptive bench.")],
+) -> None:
+    """Re-print the tables and redraw the plots from DIR/results.jsonl."""
+    from .report import write_report
+
+    try:
+        write_report(out_dir)
+    except UserError as exc:
+        raise _fail(str(exc)) from None

@@ -33,7 +33,7 @@ def round_keep(size: int, keep: int, n: int) -> int:
 @sgl.function
 def adaptive_pruning(s, prompt: str, config: MethodConfig) -> ProgramOutcome:
     with ProgramRun(config) as run:
-        open_prompt(s, prompt)
+        open_prompt(run, s, prompt)
         anneal = Annealing(config.temperature, config.anneal)
         stop = ThresholdStop(config.threshold)
         samples: list[Sample] = []

@@ -27,7 +27,7 @@ from sgl_adaptive.schedules import Annealing, ThresholdStop, batch_sizes
 @sgl.function
 def adaptive_sampling(s, prompt: str, config: MethodConfig) -> ProgramOutcome:
     with ProgramRun(config) as run:
-        open_prompt(s, prompt)
+        open_prompt(run, s, prompt)
         anneal = Annealing(config.temperature, config.anneal)
         stop = ThresholdStop(config.threshold)
         samples: list[Sample] = []

@@ -20,7 +20,7 @@ from sgl_adaptive.schedules import Annealing
 @sgl.function
 def best_of_n(s, prompt: str, config: MethodConfig) -> ProgramOutcome:
     with ProgramRun(config) as run:
-        open_prompt(s, prompt)
+        open_prompt(run, s, prompt)
         anneal = Annealing(config.temperature, config.anneal if config.anneal_best_of_n else "none")
         samples = draw(run, s, [anneal(k) for k in range(config.n)], round_index=0, first_index=0)
         generate(run, samples, config.max_new_tokens)

@@ -119,10 +119,21 @@ def raise_fork_error(state: Any, what: str) -> None:
     raise ProgramError(f"{what} produced no result")
 
 
-def open_prompt(s: Any, prompt: str) -> None:
-    """The user turn (the chat template's default system prompt is inserted by the interpreter)."""
+PROMPT_VAR = "prompt_prefill"
+
+
+def open_prompt(run: ProgramRun, s: Any, prompt: str) -> None:
+    """The user turn (the chat template's default system prompt is inserted by the interpreter), then
+    an explicit zero-token request that prefills it once and is metered as the prompt's cost.
+
+    (``fork(n)`` would cache the prompt anyway, through ``commit_lazy_operations``, but that request
+    bypasses the programs and so the cost meter; after this one it is a full cache hit.)"""
     s += sgl.user(prompt)
-    s.text()  # sync, so that fork(n) caches the prompt prefix once before the branches start
+    s += sgl.gen(PROMPT_VAR, max_tokens=0)
+    meta = s.get_meta_info(PROMPT_VAR)
+    if meta is None:
+        raise_fork_error(s, "the prompt prefill")
+    run.meter.record("prompt", meta)
 
 
 def draw(

@@ -34,7 +34,7 @@ def prune_and_finish(run: ProgramRun, samples: list[Sample], keep: int) -> None:
 @sgl.function
 def early_pruning(s, prompt: str, config: MethodConfig) -> ProgramOutcome:
     with ProgramRun(config) as run:
-        open_prompt(s, prompt)
+        open_prompt(run, s, prompt)
         samples = draw(run, s, [config.temperature] * config.n, round_index=0, first_index=0)
         prune_and_finish(run, samples, config.keep)
         return outcome(run, samples)

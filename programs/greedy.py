@@ -11,7 +11,7 @@ from sgl_adaptive.programs.common import ProgramOutcome, ProgramRun, Sample, gen
 @sgl.function
 def greedy(s, prompt: str, config: MethodConfig) -> ProgramOutcome:
     with ProgramRun(config) as run:
-        open_prompt(s, prompt)
+        open_prompt(run, s, prompt)
         s += sgl.assistant_begin()
         sample = Sample(s, index=0, temperature=0.0, round=0)
         run.meter.start_round(1)

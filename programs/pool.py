@@ -30,7 +30,7 @@ def sample_pool(
     """``config.n`` samples (annealed when ``config.anneal_best_of_n``), scored at each budget < the
     token limit and at the end (when ``evaluate``)."""
     with ProgramRun(config) as run:
-        open_prompt(s, prompt)
+        open_prompt(run, s, prompt)
         anneal = Annealing(config.temperature, config.anneal if config.anneal_best_of_n else "none")
         samples = draw(run, s, [anneal(k) for k in range(config.n)], round_index=0, first_index=0)
         points = sorted({b for b in budgets if 0 < b < config.max_new_tokens} | {config.max_new_tokens})

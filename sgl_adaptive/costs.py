@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-RequestKind = Literal["sample", "eval"]
+RequestKind = Literal["prompt", "sample", "eval"]
 
 
 @dataclass(frozen=True)

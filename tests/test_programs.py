@@ -205,3 +205,17 @@ def test_training_text_equals_what_the_programs_send(tiny_model_dir):
         in rec.eval_texts
     )
     rec.shutdown()
+
+
+def test_the_prompt_prefill_is_metered_once(endless_backend):
+    endless_backend.flush_cache()
+    template = endless_backend.chat_template
+    prompt_text = template.get_prompt([{"role": "user", "content": PROMPT}])
+    opened = prompt_text + template.role_prefix_and_suffix["assistant"][0]
+    encode = endless_backend.tokenizer.encode
+    prompt_len, opened_len = len(encode(prompt_text)), len(encode(opened))
+    r = run(PROMPT, endless_backend, "best-of-n", n=4, **SMALL)
+    suffix = eval_suffix_tokens(endless_backend)
+    # the prompt once; the assistant-turn opening once (the other forks: one token each, as a server
+    # reports a full cache hit); per evaluation the last sampled token + the evaluation turn
+    assert r.costs.prefill_tokens == prompt_len + (opened_len - prompt_len) + 3 * 1 + 4 * (suffix + 1)

@@ -1,0 +1,234 @@
+"""The benchmarked methods: names, their configurations, and live runs of the library's programs.
+
+``greedy``, ``best-of-n``, ``adaptive``, ``prune`` and ``adaptive-prune`` are ``sgl_adaptive.run``.
+``judge-best-of-n`` is the best-of-n program with a zero-shot judge as the scorer. ``majority``,
+``oracle`` and ``rm-best-of-n`` draw N unscored samples with ``sample_pool(evaluate=False)``; within
+one question they share that draw (same program, same seed: the samples and costs of separate
+runs), and ``rm-best-of-n`` adds the reward model's reads to the costs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sgl_adaptive.config import MethodConfig
+from sgl_adaptive.costs import Costs
+from sgl_adaptive.result import Result
+from sgl_adaptive.selfeval import SelfEvalConfig
+
+from .datasets import Item, Judge, answer_key, grade
+from .reward import RewardModel
+from .store import config_hash
+from .sweep import argmax
+
+METHODS: tuple[str, ...] = (
+    "greedy",
+    "best-of-n",
+    "rm-best-of-n",
+    "judge-best-of-n",
+    "majority",
+    "oracle",
+    "adaptive",
+    "prune",
+    "adaptive-prune",
+)
+PRUNING = ("prune", "adaptive-prune")
+PLAIN_POOL = ("majority", "oracle", "rm-best-of-n")
+"""Methods that select among N unscored samples."""
+
+
+def label(method: str, config: dict[str, Any]) -> str:
+    """A short human form of a configuration (``n=16 t=0.98``, ``n=16 b=64 k=4``)."""
+    parts = []
+    for key, short in (("n", "n"), ("threshold", "t"), ("prune_at", "b"), ("keep", "k")):
+        if key in config:
+            parts.append(
+                f"{short}={config[key]:g}" if isinstance(config[key], float) else f"{short}={config[key]}"
+            )
+    return " ".join(parts)
+
+
+def live_jobs(
+    methods: list[str],
+    base: dict[str, Any],
+    thresholds: list[float],
+    prune_ats: list[int],
+    keeps: list[int],
+    reward_model: str | None = None,
+    judge_prompt: str | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """Every (method, config) of a live run. ``base`` holds n, max_new_tokens, temperature, top_p, anneal,
+    seed; each config keeps only the knobs its method reads (so greedy is shared across --n)."""
+    common = {k: base[k] for k in ("n", "max_new_tokens", "temperature", "top_p", "seed")}
+    jobs: list[tuple[str, dict[str, Any]]] = []
+    for method in methods:
+        if method == "greedy":
+            jobs.append((method, {"max_new_tokens": base["max_new_tokens"]}))
+        elif method in ("best-of-n", "majority", "oracle"):
+            jobs.append((method, dict(common)))
+        elif method == "rm-best-of-n":
+            jobs.append((method, {**common, "reward_model": reward_model}))
+        elif method == "judge-best-of-n":
+            jobs.append((method, {**common, "judge_prompt": judge_prompt}))
+        elif method == "adaptive":
+            jobs += [(method, {**common, "anneal": base["anneal"], "threshold": t}) for t in thresholds]
+        elif method == "prune":
+            jobs += [(method, {**common, "prune_at": b, "keep": k}) for b in prune_ats for k in keeps]
+        elif method == "adaptive-prune":
+            jobs += [
+                (method, {**common, "anneal": base["anneal"], "threshold": t, "prune_at": b, "keep": k})
+                for t in thresholds
+                for b in prune_ats
+                for k in keeps
+            ]
+    return jobs
+
+
+def method_config(
+    config: dict[str, Any], seed: int | None, selfeval: SelfEvalConfig | None = None
+) -> MethodConfig:
+    """The ``MethodConfig`` of a job (``seed`` None: the backend is not reseeded per run)."""
+    fields = {f.name for f in dataclasses.fields(MethodConfig)}
+    kwargs = {k: v for k, v in config.items() if k in fields and k != "seed"}
+    if selfeval is not None:
+        kwargs["selfeval"] = selfeval
+    return MethodConfig(**kwargs, seed=seed)
+
+
+def costs_dict(
+    costs: Costs, rm_tokens: int = 0, rm_flops: float = 0.0, rm_wall: float = 0.0
+) -> dict[str, Any]:
+    """The cost fields of a result line (reward-model reads added to FLOPs and wall time)."""
+    out = dataclasses.asdict(costs)
+    out["wall_s"] = round(out["wall_s"] + rm_wall, 4)
+    if out["flops"] is not None:
+        out["flops"] += rm_flops
+    out.update(rm_tokens=rm_tokens, rm_flops=rm_flops, estimated=False)
+    return out
+
+
+@dataclass
+class LiveContext:
+    """What live runs need: the backend and the optional scorers."""
+
+    backend: Any
+    seed: int | None
+    """Reseed the in-process backend before every run (None under --parallel > 1)."""
+    judge_selfeval: SelfEvalConfig
+    reward: RewardModel | None = None
+    judge: Judge | None = None
+    """Grades general prompts."""
+    _pools: dict[tuple[str, str], Result] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def plain_pool(self, item: Item, config: dict[str, Any]) -> Result:
+        """N unscored samples for ``item`` (shared by majority, oracle and rm-best-of-n)."""
+        from sgl_adaptive.programs import sample_pool
+        from sgl_adaptive.runner import run_program
+
+        common = {k: config[k] for k in ("n", "max_new_tokens", "temperature", "top_p", "seed")}
+        memo = (item.qid, config_hash(common))
+        with self._lock:
+            if memo in self._pools:
+                return self._pools[memo]
+        cfg = method_config(common, self.seed)
+        result = run_program(sample_pool, item.prompt, self.backend, cfg, "pool", budgets=(), evaluate=False)
+        with self._lock:
+            self._pools[memo] = result
+        return result
+
+    def forget(self, item: Item) -> None:
+        with self._lock:
+            for memo in [m for m in self._pools if m[0] == item.qid]:
+                del self._pools[memo]
+
+
+def run_live(ctx: LiveContext, item: Item, method: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Run one method on one question; return the result line's outcome fields."""
+    from sgl_adaptive.programs import PROGRAMS
+    from sgl_adaptive.runner import run, run_program
+
+    rm_tokens, rm_flops, rm_wall = 0, 0.0, 0.0
+    if method in PLAIN_POOL:
+        result = ctx.plain_pool(item, config)
+        texts = [c.text for c in result.candidates]
+        if method == "rm-best-of-n":
+            assert ctx.reward is not None
+            start = time.perf_counter()
+            rewards = ctx.reward.score(item.prompt, texts)
+            rm_wall = time.perf_counter() - start
+            rm_tokens, rm_flops = sum(rewards.tokens), sum(rewards.flops)
+            chosen, scores = argmax(range(len(texts)), rewards.scores), rewards.scores
+        elif method == "majority":
+            keys = [answer_key(item.task, t) for t in texts]
+            chosen, scores = _majority(keys), [None] * len(texts)
+        else:
+            qualities = grade(item, texts, ctx.judge)
+            chosen, scores = argmax(range(len(texts)), qualities), [None] * len(texts)
+    else:
+        if method == "judge-best-of-n":
+            cfg = method_config(config, ctx.seed, ctx.judge_selfeval)
+            result = run_program(PROGRAMS["best-of-n"], item.prompt, ctx.backend, cfg, name=method)
+        else:
+            result = run(item.prompt, ctx.backend, method, method_config(config, ctx.seed))
+        chosen, scores = result.best, [c.score for c in result.candidates]
+    return outcome_fields(
+        ctx, item, result, chosen, scores, costs_dict(result.costs, rm_tokens, rm_flops, rm_wall)
+    )
+
+
+def _majority(keys: list[str | None]) -> int:
+    counts: dict[str, int] = {}
+    for k in keys:
+        if k is not None:
+            counts[k] = counts.get(k, 0) + 1
+    if not counts:
+        return 0
+    top = max(counts.values())
+    return next(i for i, k in enumerate(keys) if k is not None and counts[k] == top)
+
+
+def outcome_fields(
+    ctx: LiveContext,
+    item: Item,
+    result: Result,
+    chosen: int,
+    scores: list[float | None],
+    costs: dict[str, Any],
+) -> dict[str, Any]:
+    texts = [c.text for c in result.candidates]
+    verifiable = item.task != "general"
+    qualities: list[float | None]
+    if verifiable:
+        qualities = list(grade(item, texts))
+    else:
+        qualities = [None] * len(texts)
+        qualities[chosen] = grade(item, [texts[chosen]], ctx.judge)[0]
+    quality = qualities[chosen]
+    return {
+        "quality": quality,
+        "correct": bool(quality) if verifiable else None,
+        "answer": answer_key(item.task, texts[chosen]),
+        "reference": item.reference if verifiable else None,
+        "response": texts[chosen],
+        "chosen": chosen,
+        "score": scores[chosen],
+        "candidates": [
+            {
+                "tokens": c.tokens,
+                "finished": c.finished,
+                "pruned": c.pruned,
+                "temperature": round(c.temperature, 4),
+                "round": c.round,
+                "score": s,
+                "answer": answer_key(item.task, c.text),
+                "quality": q,
+            }
+            for c, s, q in zip(result.candidates, scores, qualities, strict=True)
+        ],
+        "costs": costs,
+    }

@@ -1,0 +1,86 @@
+"""Reports from saved lines: grouping, the paper's metric over shared questions, Markdown and plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.console import Console
+
+from sgl_adaptive.bench.report import summarize, write_report
+from sgl_adaptive.errors import UserError
+
+FAMILY = {"model": "m", "dataset": "d", "split": "dev", "task": "gsm8k", "mode": "live", "max_new_tokens": 64}
+
+
+def line(qid, method, config, quality, samples=1, flops=1e9):
+    return {
+        "key": f"{qid}:{method}:{json.dumps(config, sort_keys=True)}",
+        "kind": "result",
+        **FAMILY,
+        "pool": None,
+        "qid": qid,
+        "method": method,
+        "label": " ".join(f"{k}={v}" for k, v in config.items() if k != "max_new_tokens"),
+        "config": config,
+        "top_n": config.get("n", 1),
+        "quality": quality,
+        "costs": {
+            "samples": samples,
+            "batches": 1,
+            "generated_tokens": 10 * samples,
+            "self_evals": 0,
+            "flops": flops,
+            "wall_s": 0.5,
+            "critical_path_tokens": 10,
+        },
+    }
+
+
+def lines():
+    bon = {"n": 4, "max_new_tokens": 64}
+    out = []
+    for q, (g, b, a, p) in enumerate([(0, 1, 1, 0), (0, 1, 0, 1), (1, 1, 1, 1), (0, 0, 0, 0)]):
+        out.append(line(f"q{q}", "greedy", {"max_new_tokens": 64}, g))
+        out.append(line(f"q{q}", "best-of-n", bon, b, samples=4, flops=4e9))
+        out.append(line(f"q{q}", "adaptive", {**bon, "threshold": 0.9}, a, samples=2))
+        out.append(line(f"q{q}", "prune", {**bon, "prune_at": 16, "keep": 1}, p, samples=4))
+        out.append(line(f"q{q}", "majority", bon, b, samples=4))
+    return out
+
+
+def test_rows_and_percent_of_maximum_improvement():
+    (section,) = summarize(lines())
+    rows = {r.method: r for r in section.rows}
+    assert [r.method for r in section.rows] == ["greedy", "best-of-n", "majority", "adaptive", "prune"]
+    assert rows["greedy"].accuracy == 0.25 and rows["best-of-n"].accuracy == 0.75
+    # (0.75 - 0.25) / (0.75 - 0.25) and (0.5 - 0.25) / (0.75 - 0.25)
+    assert rows["best-of-n"].pct == pytest.approx(100.0)
+    assert rows["adaptive"].pct == pytest.approx(50.0)
+    assert rows["prune"].pct == pytest.approx(50.0)
+    assert rows["majority"].pct is None and rows["greedy"].pct is None
+    assert rows["adaptive"].mean("samples") == 2.0 and rows["best-of-n"].mean("flops") == 4e9
+
+
+def test_percent_uses_only_the_questions_all_three_rows_share():
+    data = [x for x in lines() if not (x["method"] == "adaptive" and x["qid"] in ("q2", "q3"))]
+    (section,) = summarize(data)
+    adaptive = next(r for r in section.rows if r.method == "adaptive")
+    # on q0, q1: greedy 0, best-of-n 1, adaptive 0.5
+    assert adaptive.questions == 2 and adaptive.pct == pytest.approx(50.0)
+
+
+def test_report_writes_markdown_and_plots(tmp_path):
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines()))
+    console = Console(record=True, width=200)
+    write_report(tmp_path, console)
+    md = (tmp_path / "summary.md").read_text()
+    assert "| adaptive | n=4 threshold=0.9 | 4 | 50.0% | 50 |" in md
+    for name in ("accuracy_vs_samples.png", "accuracy_vs_flops.png", "pruning.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert "best-of-n" in console.export_text()
+
+
+def test_report_of_an_empty_folder_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="no results"):
+        write_report(tmp_path)
