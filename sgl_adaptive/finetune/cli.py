@@ -2,8 +2,418 @@
 
 from __future__ import annotations
 
+import json
+import math
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+
+from sgl_adaptive.errors import ProgramError, UserError
 
 app = typer.Typer(
     help="Build self-evaluation data, train the self-evaluator, evaluate it.", no_args_is_help=True
 )
+err = Console(stderr=True)
+
+DEFAULT_TRUNCATE = "16,32,64,128,256"
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def _errors():
+    """UserError / ProgramError -> one ``error:`` line and exit code 2."""
+    try:
+        yield
+    except (UserError, ProgramError) as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+
+
+def _progress(description: str):
+    """A rich progress bar with ETA; returns (progress, factory(total) -> advance callback)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
+
+    def factory(total: int):
+        task = progress.add_task(description, total=total)
+        return lambda n=1: progress.advance(task, n)
+
+    return progress, factory
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+@app.command("data")
+def data_command(
+    prompts: Annotated[str, typer.Option(help="Prompts: a JSONL file or a Hugging Face dataset name.")],
+    out: Annotated[Path, typer.Option(help="Output directory (resumed if it exists).")],
+    model: Annotated[
+        str | None, typer.Option(help="Policy for the in-process backend (default: embedded 0.5B).")
+    ] = None,
+    endpoint: Annotated[str | None, typer.Option(help="URL of an SGLang server serving the policy.")] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="Policy tokenizer path (default: the model's).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Use the first N prompts.")] = None,
+    samples_per_prompt: Annotated[
+        int, typer.Option("--samples-per-prompt", "-k", help="On-policy samples per prompt (K ≥ 2).")
+    ] = 8,
+    reward: Annotated[
+        str, typer.Option(help="verifier (GSM8K/MATH) or rm:PATH (a sequence-classification reward model).")
+    ] = "verifier",
+    tie_margin: Annotated[
+        float | None, typer.Option(help="ε: j beats i when r_j − r_i > ε (default 0.5 verifier, 0.1·std RM).")
+    ] = None,
+    truncate: Annotated[
+        str, typer.Option(help="Token budgets of mid-generation examples ('' for none).")
+    ] = DEFAULT_TRUNCATE,
+    heldout_fraction: Annotated[
+        float, typer.Option(help="Fraction of prompts held out (by a hash of the prompt id).")
+    ] = 0.1,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Token limit per sample.")] = 512,
+    seed: Annotated[int, typer.Option(help="Base seed (each prompt gets its own, derived from it).")] = 0,
+    split: Annotated[str, typer.Option(help="HF dataset split.")] = "train",
+    dataset_config: Annotated[str | None, typer.Option(help="HF dataset configuration.")] = None,
+    part: Annotated[
+        str,
+        typer.Option(help="GSM8K-style records: train (default) or dev part of the bench's split, or all."),
+    ] = "train",
+    prompt_field: Annotated[
+        str | None, typer.Option(help="Record field holding the prompt (default: auto).")
+    ] = None,
+    shuffle: Annotated[bool, typer.Option(help="Shuffle prompts (by --seed) before --limit.")] = False,
+    workers: Annotated[int, typer.Option(help="Prompts in flight at once (--endpoint only).")] = 1,
+    device: Annotated[
+        str | None, typer.Option(help="cpu or cuda (in-process backend and reward model).")
+    ] = None,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Allow custom code of the reward model (ArmoRM).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Sample K on-policy responses per prompt, reward them, label them pairwise, write train/held-out JSONL."""
+    from sgl_adaptive.finetune.build_data import SamplingSettings, build_data
+    from sgl_adaptive.finetune.examples import parse_budgets
+    from sgl_adaptive.finetune.prompts import load_prompts
+    from sgl_adaptive.finetune.rewards import reward_from_spec
+    from sgl_adaptive.runner import load_backend
+
+    with _errors():
+        if model and endpoint:
+            raise UserError("give either --model or --endpoint, not both")
+        if part not in ("train", "dev", "all"):
+            raise UserError(f"--part must be train, dev or all (got {part!r})")
+        if not 0.0 <= heldout_fraction < 1.0:
+            raise UserError(f"--heldout-fraction must be within [0, 1) (got {heldout_fraction})")
+        if workers > 1 and not endpoint:
+            raise UserError("--workers > 1 needs --endpoint (the in-process backend is seeded per run)")
+        try:
+            budgets = parse_budgets(truncate)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        settings = SamplingSettings(samples_per_prompt, temperature, top_p, max_new_tokens, seed)
+        items = load_prompts(
+            prompts,
+            split=split,
+            config=dataset_config,
+            part=part,
+            prompt_field=prompt_field,  # type: ignore[arg-type]
+            limit=limit,
+            shuffle_seed=seed if shuffle else None,
+        )
+        reward_fn = reward_from_spec(reward, device=device, trust_remote_code=trust_remote_code)
+        endpoint_backend = load_backend(None, endpoint) if endpoint else None
+        if endpoint_backend is not None:
+            model_id = endpoint_backend.model_info.get("model_path") or endpoint
+            tokenizer_path = tokenizer or model_id
+        else:
+            from sgl_adaptive.model_store import resolve_model
+
+            model_id = resolve_model(model, console=err)
+            tokenizer_path = tokenizer or model_id
+
+        def backend_factory() -> Any:
+            if endpoint_backend is not None:
+                return endpoint_backend
+            progress.console.print(f"loading {model_id} …", highlight=False)  # no spinner inside the live bar
+            return load_backend(model_id, None, seed=seed, device=device, console=err)
+
+        def tokenizer_factory(backend: Any) -> tuple[Any, str]:
+            if backend is not None and getattr(backend, "tokenizer", None) is not None and not tokenizer:
+                return backend.tokenizer, tokenizer_path
+            from transformers import AutoTokenizer
+
+            try:
+                return AutoTokenizer.from_pretrained(tokenizer_path), tokenizer_path
+            except (OSError, ValueError) as exc:
+                raise UserError(
+                    f"cannot load the policy tokenizer {tokenizer_path!r} (use --tokenizer): {exc}"
+                ) from None
+
+        source = {
+            "prompts": prompts,
+            "split": split,
+            "config": dataset_config,
+            "part": part,
+            "prompt_field": prompt_field,
+        }
+        progress, factory = _progress("sampling prompts")
+        with progress:
+            manifest = build_data(
+                items,
+                out,
+                backend_factory=backend_factory,
+                tokenizer_factory=tokenizer_factory,
+                model_id=model_id,
+                reward=reward_fn,
+                settings=settings,
+                source=source,
+                budgets=budgets,
+                tie_margin=tie_margin,
+                heldout_fraction=heldout_fraction,
+                workers=workers,
+                progress=factory,
+            )
+    counts = manifest["counts"]
+    if as_json:
+        sys.stdout.write(json.dumps(_json_safe(manifest), ensure_ascii=False) + "\n")
+        return
+    err.print(
+        f"{counts['prompts']} prompts ({counts['heldout_prompts']} held out), {counts['samples']} samples, "
+        f"mean reward {counts['mean_reward']:.3f}, tie margin {counts['tie_margin']:.3g}; examples: "
+        f"train {counts['examples']['train']} ({counts['keep_fraction']['train']:.0%} No), "
+        f"held-out {counts['examples']['heldout']} ({counts['keep_fraction']['heldout']:.0%} No) -> {out}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command("train")
+def train_command(
+    data: Annotated[Path, typer.Option(help="Directory written by `finetune data`.")],
+    out: Annotated[Path, typer.Option(help="Output checkpoint directory.")],
+    model: Annotated[str | None, typer.Option(help="Policy to fine-tune (default: embedded 0.5B).")] = None,
+    lora: Annotated[bool, typer.Option(help="Train a LoRA adapter (merged on export).")] = False,
+    epochs: Annotated[float, typer.Option(help="Epochs over train.jsonl.")] = 1.0,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default 1e-4 LoRA, 1e-5 full).")] = None,
+    max_steps: Annotated[int, typer.Option(help="Stop after N optimizer steps (-1: epochs decide).")] = -1,
+    batch_size: Annotated[int, typer.Option(help="Examples per device per step.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    max_length: Annotated[int, typer.Option(help="Drop examples longer than this (tokens).")] = 2048,
+    soft_labels: Annotated[
+        bool, typer.Option(help="Train on the empirical P(win or tie) instead of the hard label.")
+    ] = False,
+    kl_weight: Annotated[
+        float, typer.Option(help="KL guard to the frozen base on response tokens (0: off).")
+    ] = 0.0,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 32,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Trade compute for memory.")] = False,
+    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
+    logging_steps: Annotated[int, typer.Option(help="Log the training loss every N steps.")] = 10,
+    export_dtype: Annotated[
+        str, typer.Option(help="auto (the base's dtype), float32, bfloat16 or float16.")
+    ] = "auto",
+    save_adapter: Annotated[bool, typer.Option(help="With --lora: also write OUT/adapter.")] = True,
+    adapter_only: Annotated[bool, typer.Option(help="With --lora: write only the adapter.")] = False,
+    heldout_limit: Annotated[
+        int | None, typer.Option(help="Held-out examples scored before/after (default all).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu to force the CPU.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the training report as JSON.")] = False,
+) -> None:
+    """One-token SFT of the policy on its self-evaluation labels; exports an HF checkpoint."""
+    from sgl_adaptive.finetune.train import TrainSettings, train
+    from sgl_adaptive.model_store import resolve_model
+
+    with _errors():
+        if adapter_only and not lora:
+            raise UserError("--adapter-only needs --lora")
+        settings = TrainSettings(
+            lora=lora,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            epochs=epochs,
+            lr=lr,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            max_length=max_length,
+            soft_labels=soft_labels,
+            kl_weight=kl_weight,
+            gradient_checkpointing=gradient_checkpointing,
+            seed=seed,
+            logging_steps=logging_steps,
+            export_dtype=export_dtype,
+            save_adapter=save_adapter,
+            adapter_only=adapter_only,
+        )
+        model_path = resolve_model(model, console=err)
+        report = train(
+            model_path,
+            data,
+            out,
+            settings,
+            device=device,
+            heldout_limit=heldout_limit,
+            log=lambda m: err.print(m, highlight=False, soft_wrap=True),
+        )
+    if "exported" not in report:  # another process of a multi-process run: the main one reports
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(_json_safe(report), ensure_ascii=False) + "\n")
+    else:
+        err.print(f"{report['steps']} steps, train loss {report['train_loss']:.4f} -> {out}", highlight=False)
+
+
+@app.command("eval")
+def eval_command(
+    data: Annotated[Path, typer.Option(help="Directory written by `finetune data`.")],
+    model: Annotated[str | None, typer.Option(help="Model to evaluate (default: embedded 0.5B).")] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="Untrained model for the side-by-side and drift ('none' to skip; default: the checkpoint's base)."
+        ),
+    ] = None,
+    split: Annotated[str, typer.Option(help="heldout or train.")] = "heldout",
+    limit: Annotated[int | None, typer.Option(help="Use the first N examples.")] = None,
+    drift_samples: Annotated[
+        int, typer.Option(help="Held-out responses for the drift measure (0: skip).")
+    ] = 64,
+    batch_tokens: Annotated[int, typer.Option(help="Tokens per scoring batch.")] = 8192,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Also write the JSON report here.")] = None,
+) -> None:
+    """AUROC, Brier (per budget), Best-of-N selection and drift, before vs after training."""
+    with _errors():
+        report = _evaluate(data, model, base, split, limit, drift_samples, batch_tokens, device)
+    payload = json.dumps(_json_safe(report), ensure_ascii=False)
+    if out_file:
+        out_file.write_text(payload + "\n")
+    if as_json:
+        sys.stdout.write(payload + "\n")
+        return
+    from rich.table import Table
+
+    from sgl_adaptive.finetune.evaluate import format_table
+
+    names = [Path(p).name for p in (report.get("base_model"), report["model_path"]) if p]
+    table = Table(
+        title=f"self-evaluation on {report['data']['examples']} {split} examples: {' vs '.join(names)}"
+    )
+    table.add_column("metric")
+    table.add_column("base")
+    table.add_column("model")
+    for row in format_table(report):
+        table.add_row(*row)
+    Console().print(table)
+
+
+def _evaluate(
+    data: Path,
+    model: str | None,
+    base: str | None,
+    split: str,
+    limit: int | None,
+    drift_samples: int,
+    batch_tokens: int,
+    device: str | None,
+) -> dict[str, Any]:
+    from sgl_adaptive.data import read_jsonl
+    from sgl_adaptive.finetune.evaluate import drift, drift_items, evaluate_scores
+    from sgl_adaptive.finetune.scoring import SelfEvalEncoder, load_causal_lm, score_examples
+    from sgl_adaptive.finetune.train import CHECKPOINT_INFO
+    from sgl_adaptive.model_store import resolve_model
+
+    if split not in ("heldout", "train"):
+        raise UserError(f"--split must be heldout or train (got {split!r})")
+    examples = (
+        list(read_jsonl(data / f"{split}.jsonl"))[:limit]
+        if limit
+        else list(read_jsonl(data / f"{split}.jsonl"))
+    )
+    if not examples:
+        raise UserError(f"{data / f'{split}.jsonl'} has no examples")
+    model_path = (
+        model
+        if model and (Path(model) / "adapter_config.json").is_file()
+        else resolve_model(model, console=err)
+    )
+    if base is None:
+        info_path = Path(model_path) / CHECKPOINT_INFO
+        base = json.loads(info_path.read_text()).get("base_model") if info_path.is_file() else None
+    base = None if base in (None, "none", "") else resolve_model(base, console=err)
+
+    report: dict[str, Any] = {
+        "model_path": model_path,
+        "base_model": base,
+        "data": {"dir": str(data), "split": split, "examples": len(examples)},
+    }
+    progress, factory = _progress("scoring")
+    with progress:
+        with err.status("loading the model …"):
+            tuned, tokenizer = load_causal_lm(model_path, device=device)
+        encoder = SelfEvalEncoder(tokenizer)
+        scores = score_examples(
+            tuned, encoder, examples, batch_tokens=batch_tokens, on_batch=factory(len(examples))
+        )
+        report["model"] = evaluate_scores(examples, scores)
+        if base:
+            with err.status("loading the base model …"):
+                base_model, base_tok = load_causal_lm(base, device=device)
+            base_encoder = SelfEvalEncoder(base_tok)
+            base_scores = score_examples(
+                base_model, base_encoder, examples, batch_tokens=batch_tokens, on_batch=factory(len(examples))
+            )
+            report["base"] = evaluate_scores(examples, base_scores)
+            if drift_samples > 0:
+                report["drift"] = drift(
+                    base_model,
+                    tuned,
+                    encoder,
+                    examples,
+                    limit=drift_samples,
+                    on_item=factory(len(drift_items(examples, drift_samples))),
+                )
+    report["auroc"], report["brier"] = report["model"]["auroc"], report["model"]["brier"]
+    if base:
+        report["auroc_before"], report["brier_before"] = report["base"]["auroc"], report["base"]["brier"]
+    return report
