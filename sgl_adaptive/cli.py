@@ -101,6 +101,19 @@ def run_command(
         err.print(result.summary(), highlight=False, soft_wrap=True)
 
 
+@app.command("model")
+def model_command(
+    base: Annotated[bool, typer.Option(help="The base model, without the self-evaluation adapter.")] = False,
+) -> None:
+    """Print the default model's folder, building it first if needed (for `launch_server --model-path`)."""
+    from sgl_adaptive.model_store import resolve_model
+
+    try:
+        typer.echo(resolve_model(None, console=err, base=base))
+    except UserError as exc:
+        raise fail(str(exc)) from None
+
+
 @app.command("serve")
 def serve_command(
     model: Annotated[

@@ -93,6 +93,59 @@ def ensure_default_model(cache_dir: Path | None = None, console: Console | None 
     return _ensure_packaged(DEFAULT_MODEL, cache_dir, console)
 
 
+SHIPPED_ADAPTER = Path(__file__).parent / "adapters" / "qwen2.5-coder-0.5b-selfeval"
+"""Where the trained self-evaluation LoRA adapter for the default model ships (with its model card)."""
+
+
+def shipped_adapter() -> Path | None:
+    """The shipped adapter folder, or None while the package ships none."""
+    return SHIPPED_ADAPTER if (SHIPPED_ADAPTER / "adapter_config.json").is_file() else None
+
+
+def ensure_selfeval_model(
+    cache_dir: Path | None = None, console: Console | None = None, adapter: Path | None = None
+) -> Path:
+    """The default model with the trained self-evaluator: the base plus the shipped LoRA adapter, merged
+    once and cached as ``<cache>/models/<base>-selfeval-<adapter sha256[:16]>``. Without an adapter
+    (none shipped yet) this is the base model, whose self-evaluation is zero-shot."""
+    base = ensure_default_model(cache_dir, console)
+    adapter = adapter or shipped_adapter()
+    if adapter is None:
+        return base
+    console = console or _default_console()
+    sha = _sha256_file(adapter / "adapter_model.safetensors")
+    models = (cache_dir or cache_root()) / "models"
+    out = models / f"{base.name}-selfeval-{sha[:16]}"
+    if _is_complete(out, sha):
+        return out
+    with _locked(models / f".{out.name}.lock", console):
+        if _is_complete(out, sha):
+            return out
+        _remove_leftovers(models, out.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=models))
+        try:
+            with console.status(f"merging the self-evaluation adapter into {base.name} (once) …"):
+                merge_adapter(base, adapter, tmp)
+            _publish(tmp, out, {"base": str(base), "adapter": str(adapter), "adapter_sha256": sha})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    console.print(f"merged the self-evaluation adapter: {out}")
+    return out
+
+
+def merge_adapter(base: Path, adapter: Path, out: Path) -> Path:
+    """Write ``base`` + LoRA ``adapter`` merged into a plain Hugging Face folder (loads in SGLang too)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
 def convert_gguf(
     gguf_path: Path,
     out_dir: Path,
@@ -117,15 +170,16 @@ def convert_gguf(
     return out_dir
 
 
-def resolve_model(spec: str | None, console: Console | None = None) -> str:
+def resolve_model(spec: str | None, console: Console | None = None, *, base: bool = False) -> str:
     """Turn the CLI's ``--model`` value into a model path or hub name that SGLang can load.
 
-    None -> the embedded default model; a directory -> itself (must hold config.json); a ``.gguf`` file ->
+    None -> the embedded default model (with the shipped self-evaluator merged in, unless ``base``:
+    fine-tuning starts from the base); a directory -> itself (must hold config.json); a ``.gguf`` file ->
     converted once into ``<cache>/models/gguf-<sha256[:16]>``; a missing path -> ModelNotFoundError; anything
     else is returned unchanged as a hub name.
     """
     if spec is None:
-        return str(ensure_default_model(console=console))
+        return str(ensure_default_model(console=console) if base else ensure_selfeval_model(console=console))
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -163,11 +217,12 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
 
 
 def _is_complete(folder: Path, sha256: str | None = None) -> bool:
-    """A folder is complete when it has config.json and a marker (for ``sha256``, when given)."""
+    """A folder is complete when it has config.json and a marker (built from ``sha256``, when given: the
+    GGUF's or the adapter's)."""
     marker = _read_marker(folder)
     if marker is None or not (folder / "config.json").is_file():
         return False
-    return sha256 is None or marker.get("gguf_sha256") == sha256
+    return sha256 is None or sha256 in (marker.get("gguf_sha256"), marker.get("adapter_sha256"))
 
 
 def _version(dist: str) -> str | None:

@@ -254,3 +254,35 @@ def test_concurrent_builds_convert_once(tmp_path: Path) -> None:
         t.join()
     assert len(results) == 2 and results[0] == results[1]
     assert len(convert.seen) == 1
+
+
+def test_selfeval_model_merges_the_adapter_once(tmp_path, monkeypatch, tiny_model_dir):
+    """The default model = base + shipped LoRA adapter, merged once into the cache."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sgl_adaptive import model_store
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(
+        base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    monkeypatch.setattr(
+        model_store, "ensure_default_model", lambda cache_dir=None, console=None: Path(tiny_model_dir)
+    )
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(model_store, "shipped_adapter", lambda: None)
+    assert model_store.ensure_selfeval_model(cache) == Path(tiny_model_dir)  # nothing shipped: the base
+    merged = model_store.ensure_selfeval_model(cache, adapter=adapter)
+    assert merged.name.startswith(Path(tiny_model_dir).name + "-selfeval-")
+    tuned = AutoModelForCausalLM.from_pretrained(merged)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(tuned.state_dict()[q].float(), original.state_dict()[q].float())
+    monkeypatch.setattr(
+        model_store, "merge_adapter", lambda *a: (_ for _ in ()).throw(AssertionError("merged twice"))
+    )
+    assert model_store.ensure_selfeval_model(cache, adapter=adapter) == merged

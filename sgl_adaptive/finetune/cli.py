@@ -165,7 +165,7 @@ def data_command(
         else:
             from sgl_adaptive.model_store import resolve_model
 
-            model_id = resolve_model(model, console=err)
+            model_id = resolve_model(model, console=err, base=True)
             tokenizer_path = tokenizer or model_id
 
         def backend_factory() -> Any:
@@ -284,7 +284,7 @@ def train_command(
             save_adapter=save_adapter,
             adapter_only=adapter_only,
         )
-        model_path = resolve_model(model, console=err)
+        model_path = resolve_model(model, console=err, base=True)
         report = train(
             model_path,
             data,
