@@ -13,7 +13,7 @@ import sglang as sgl
 
 from sgl_adaptive.config import MethodConfig
 from sgl_adaptive.errors import ProgramError, UserError
-from sgl_adaptive.programs.common import EVAL_VAR, ProgramRun, open_prompt, raise_fork_error
+from sgl_adaptive.programs.common import EVAL_VAR, ProgramRun, ask_selfeval, open_prompt, raise_fork_error
 from sgl_adaptive.selfeval import SelfEvalConfig, score_from_meta_info
 
 DEFAULT_JUDGE_PROMPT = 'Is the answer above correct? ("Yes." or "No.")'
@@ -32,16 +32,7 @@ def judge_responses(s, prompt: str, responses: list[str], config: MethodConfig) 
         group = run.fork(s, len(responses))
         for branch, response in zip(group, responses, strict=True):
             branch += sgl.assistant(response)
-            branch += sgl.user(cfg.prompt)
-            branch += sgl.assistant_begin()
-            branch += sgl.gen(
-                EVAL_VAR,
-                max_tokens=1,
-                temperature=0.0,
-                return_logprob=True,
-                top_logprobs_num=cfg.top_logprobs_num,
-                return_text_in_logprobs=True,
-            )
+            ask_selfeval(branch, cfg)
         out = []
         for i, branch in enumerate(group):
             meta = branch.get_meta_info(EVAL_VAR)

@@ -17,7 +17,7 @@ from sgl_adaptive.config import MethodConfig
 from sgl_adaptive.costs import CostMeter
 from sgl_adaptive.errors import ProgramError, UserError
 from sgl_adaptive.result import Candidate
-from sgl_adaptive.selfeval import score_from_meta_info
+from sgl_adaptive.selfeval import SelfEvalConfig, score_from_meta_info
 
 EVAL_VAR = "selfeval"
 
@@ -159,6 +159,21 @@ def generate(run: ProgramRun, samples: list[Sample], max_tokens: int) -> None:
     run.meter.add_critical_path(longest)
 
 
+def ask_selfeval(state: Any, config: SelfEvalConfig) -> None:
+    """Append the evaluation turn after a closed assistant turn: the question as a user turn, the opened
+    assistant turn, and a one-token greedy gen with the answer tokens' logprobs (``EVAL_VAR``)."""
+    state += sgl.user(config.prompt)
+    state += sgl.assistant_begin()
+    state += sgl.gen(
+        EVAL_VAR,
+        max_tokens=1,
+        temperature=0.0,
+        return_logprob=True,
+        top_logprobs_num=config.top_logprobs_num,
+        return_text_in_logprobs=True,
+    )
+
+
 def self_evaluate(run: ProgramRun, samples: list[Sample]) -> None:
     """Score each sample in a side branch, so the evaluation turn never enters the sample's text.
 
@@ -169,18 +184,8 @@ def self_evaluate(run: ProgramRun, samples: list[Sample]) -> None:
     branches = []
     for smp in samples:
         branch = run.fork(smp.state, 1)  # waits for the sample's pending generation
-        b = branch[0]
-        b += sgl.assistant_end()
-        b += sgl.user(config.prompt)
-        b += sgl.assistant_begin()
-        b += sgl.gen(
-            EVAL_VAR,
-            max_tokens=1,
-            temperature=0.0,
-            return_logprob=True,
-            top_logprobs_num=config.top_logprobs_num,
-            return_text_in_logprobs=True,
-        )
+        branch[0] += sgl.assistant_end()
+        ask_selfeval(branch[0], config)
         branches.append(branch)
     for smp, branch in zip(samples, branches, strict=True):
         meta = branch[0].get_meta_info(EVAL_VAR)
