@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from sgl_adaptive.cli_options import DeviceOption, DtypeOption
 from sgl_adaptive.errors import ProgramError, UserError
 
 app = typer.Typer(
@@ -99,7 +100,8 @@ def bench(
         str, typer.Option(help="Temperature annealing (adaptive methods; the sweep pool): paper or none.")
     ] = "paper",
     seed: Annotated[int, typer.Option(help="Seed of the in-process backend.")] = 0,
-    device: Annotated[str | None, typer.Option(help="In-process device (cpu, cuda).")] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "auto",
     reward_model: Annotated[
         str | None, typer.Option(help="HF reward model (sequence classification) for rm-best-of-n.")
     ] = None,
@@ -155,6 +157,7 @@ def bench(
             anneal=anneal,
             seed=seed,
             device=device,
+            dtype=dtype,
             reward_model=reward_model,
             judge_model=judge_model,
             judge_prompt=judge_prompt or DEFAULT_JUDGE_PROMPT,

@@ -62,6 +62,7 @@ class BenchOptions:
     anneal: str = "paper"
     seed: int = 0
     device: str | None = None
+    dtype: str = "auto"
     reward_model: str | None = None
     judge_model: str | None = None
     judge_prompt: str = DEFAULT_JUDGE_PROMPT
@@ -330,7 +331,9 @@ def _load_backend(opts: BenchOptions, console: Console) -> Any:
 
     what = f"connecting to {opts.endpoint} …" if opts.endpoint else "loading the model …"
     with console.status(what):
-        return load_backend(opts.model, opts.endpoint, seed=opts.seed, device=opts.device, console=console)
+        return load_backend(
+            opts.model, opts.endpoint, seed=opts.seed, device=opts.device, dtype=opts.dtype, console=console
+        )
 
 
 def _seed(plan: Plan, backend: Any) -> int | None:

@@ -371,7 +371,8 @@ def sweep_grid(
 
 def percent_of_max(value: float, base: float, top: float) -> float | None:
     """The paper's "percent of maximum improvement": (value - base) / (top - base) x 100, where base is
-    greedy (or one sample) and top is Best-of-N by the same scorer; None when top equals base."""
-    if abs(top - base) < 1e-12:
+    greedy (or one sample) and top is Best-of-N by the same scorer; None unless top beats base (there
+    is no improvement to take a percentage of)."""
+    if top - base < 1e-12:
         return None
     return 100.0 * (value - base) / (top - base)

@@ -1,6 +1,6 @@
 """Decode throughput of the in-process backend at several batch sizes.
 
-    python -m sgl_adaptive.bench.throughput [--model DIR] [--batches 1,8] [--tokens 64] [--repeats 3]
+    python -m sgl_adaptive.bench.throughput [--model DIR] [--dtype auto] [--batches 1,8] [--tokens 64] [--repeats 3]
 
 Submits B identical-prompt requests at once (as a B-way fork does) with the end of turn ignored,
 and reports generated tokens per second over all rows (median of the repeats).
@@ -42,13 +42,15 @@ def measure(backend, batch: int, tokens: int) -> float:
 @app.command()
 def main(
     model: Annotated[str | None, typer.Option(help="Model (default: the embedded 0.5B model).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16.")] = "auto",
     batches: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
     tokens: Annotated[int, typer.Option(help="New tokens per row.")] = 64,
     repeats: Annotated[int, typer.Option(help="Repeats per batch size (median reported).")] = 3,
 ) -> None:
     from sgl_adaptive.runner import load_backend
 
-    backend = load_backend(model, None)
+    backend = load_backend(model, None, dtype=dtype)
+    typer.echo(f"model dtype: {backend.model.dtype}")
     results = {}
     for b in (int(x) for x in batches.split(",")):
         rates = [measure(backend, b, tokens) for _ in range(repeats)]

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from sgl_adaptive.cli_options import DeviceOption, DtypeOption
 from sgl_adaptive.config import METHODS, MethodConfig
 from sgl_adaptive.errors import ProgramError, UserError
 
@@ -65,7 +66,8 @@ def run_command(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     anneal: Annotated[str, typer.Option(help="Temperature annealing: paper or none.")] = "paper",
     seed: Annotated[int, typer.Option(help="Seed of the in-process backend.")] = 0,
-    device: Annotated[str | None, typer.Option(help="In-process backend device (cpu, cuda).")] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
 ) -> None:
     """Answer PROMPT with a method; print the answer and a one-line cost summary."""
@@ -87,7 +89,7 @@ def run_command(
         )
         config.check_for(method)
         with err.status("loading the model …" if not endpoint else f"connecting to {endpoint} …"):
-            backend = load_backend(model, endpoint, seed=seed, device=device, console=err)
+            backend = load_backend(model, endpoint, seed=seed, device=device, dtype=dtype, console=err)
         with err.status(f"running {method} …"):
             result = run(prompt, backend, method, config)
     except (UserError, ProgramError) as exc:
@@ -122,7 +124,8 @@ def serve_command(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 30000,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Serve the in-process backend over SGLang's HTTP API (for machines that cannot run the SGLang server)."""
     import time
@@ -132,7 +135,7 @@ def serve_command(
 
     try:
         with err.status("loading the model …"):
-            backend = load_backend(model, None, seed=seed, device=device, console=err)
+            backend = load_backend(model, None, seed=seed, device=device, dtype=dtype, console=err)
         server = serve(backend, host, port)
     except (UserError, OSError) as exc:
         raise fail(str(exc)) from None

@@ -60,11 +60,12 @@ def load_backend(
     *,
     seed: int = 0,
     device: str | None = None,
+    dtype: str | None = None,
     console: Any = None,
     **kwargs: Any,
 ) -> Any:
     """An SGLang server backend for ``endpoint``, else an in-process backend for ``model`` (a directory,
-    a GGUF file, a hub name, or None for the embedded default model)."""
+    a GGUF file, a hub name, or None for the embedded default model) on ``device`` in ``dtype``."""
     if model and endpoint:
         raise UserError("give either --model or --endpoint, not both")
     if endpoint:
@@ -72,7 +73,12 @@ def load_backend(
 
         return SGLangEndpoint(endpoint, **kwargs)
     from sgl_adaptive.backends.local import LocalBackend
+    from sgl_adaptive.backends.precision import parse_dtype
     from sgl_adaptive.model_store import resolve_model
 
+    try:
+        torch_dtype = parse_dtype(dtype)  # before a possibly long model download
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     path = resolve_model(model, console=console)
-    return LocalBackend.from_pretrained(path, device=device, seed=seed, **kwargs)
+    return LocalBackend.from_pretrained(path, device=device, dtype=torch_dtype, seed=seed, **kwargs)

@@ -79,6 +79,7 @@ def test_run_human_output_has_answer_and_cost_line(tiny_model_dir):
         ["run", "hi", "--threshold", "1.5"],
         ["run", "hi", "--method", "prune", "--n", "2", "--keep", "3"],
         ["run", "hi", "--method", "beam"],
+        ["run", "hi", "--dtype", "int8"],
         ["run", "hi", "--model", "/nonexistent/model"],
         ["run", "hi", "--model", "a", "--endpoint", "http://127.0.0.1:1"],
     ],

@@ -101,7 +101,7 @@ def test_training_improves_heldout_auroc_and_the_checkpoint_serves(tiny_model_di
 
     assert AutoModelForCausalLM.from_pretrained(ckpt) is not None
     assert AutoTokenizer.from_pretrained(ckpt).chat_template
-    backend = LocalBackend.from_pretrained(str(ckpt), device="cpu")
+    backend = LocalBackend.from_pretrained(str(ckpt), device="cpu", dtype="float32")  # as the scorer
     try:
         result = run("What is 3 + 4?", backend, "best-of-n", n=3, max_new_tokens=8)
     finally:

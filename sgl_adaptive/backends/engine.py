@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from sgl_adaptive.backends.precision import ExactHead
 from sgl_adaptive.backends.prefix_cache import KV, PrefixCache
 from sgl_adaptive.backends.sampling import RowSampling, sample_next
 
@@ -67,6 +68,17 @@ class _Row:
     input_logprobs: list | None = None
 
 
+@dataclass
+class _Prefilled:
+    kv: KV
+    logits: torch.Tensor
+    """Next-token logits after the prompt, ``[vocab]``."""
+    hidden: torch.Tensor | None
+    """The head's input at the last prompt position (``ExactHead`` on), for exact answer-token logits."""
+    cached: int
+    input_logprobs: list | None
+
+
 class BatchedEngine:
     """Thread-safe front (``submit``) of a single model worker thread."""
 
@@ -87,6 +99,7 @@ class BatchedEngine:
         self.coalesce_s = coalesce_s
         self.eos_token_ids = eos_token_ids
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.exact_head = ExactHead(model)
         self.stats = {"forward_passes": 0, "decode_steps": 0, "decoded_rows": 0, "max_batch": 0}
         self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()
         self._pending: list[GenerationRequest] = []
@@ -154,7 +167,7 @@ class BatchedEngine:
 
     # ---- admission (prefill) ------------------------------------------------------------------
     def _admit(self) -> None:
-        computed: dict[tuple[int, ...], tuple[KV, torch.Tensor, int, list | None]] = {}
+        computed: dict[tuple[int, ...], _Prefilled] = {}
         new_rows: list[tuple[_Row, KV]] = []
         while self._pending and len(self._rows) + len(new_rows) < self.max_batch_size:
             req = self._pending.pop(0)
@@ -163,20 +176,20 @@ class BatchedEngine:
             try:
                 key = tuple(req.ids)
                 if key in computed and req.input_logprob_start is None:
-                    kv, logits, _, _ = computed[key]
+                    done = computed[key]
                     cached, input_lp = len(req.ids) - 1, None  # counted as the server would: one new token
                 else:
-                    kv, logits, cached, input_lp = self._prefill(req)
-                    computed[key] = (kv, logits, cached, input_lp)
+                    done = computed[key] = self._prefill(req)
+                    cached, input_lp = done.cached, done.input_logprobs
                 row = _Row(req=req, cached=cached, length=len(req.ids), input_logprobs=input_lp)
                 if req.max_new_tokens <= 0:
                     self._complete(row, {"type": "length", "length": 0})
                     continue
-                reason = self._append_token(row, logits[None, :])
+                reason = self._append_token(row, done.logits[None, :], hidden=done.hidden)
                 if reason is not None:
                     self._complete(row, reason)
                 else:
-                    new_rows.append((row, kv))
+                    new_rows.append((row, done.kv))
             except Exception as exc:
                 if not req.future.done():
                     req.future.set_exception(exc)
@@ -188,7 +201,7 @@ class BatchedEngine:
                     if not row.req.future.done():
                         row.req.future.set_exception(exc)
 
-    def _prefill(self, req: GenerationRequest) -> tuple[KV, torch.Tensor, int, list | None]:
+    def _prefill(self, req: GenerationRequest) -> _Prefilled:
         ids = req.ids
         entry, cached = self.prefix_cache.match(ids)
         cached = min(cached, len(ids) - 1)
@@ -216,7 +229,8 @@ class BatchedEngine:
             input_lp = []
             for t in range(max(req.input_logprob_start, 1), len(ids)):
                 input_lp.append((float(logprobs[t - 1 - cached, ids[t]]), ids[t], self._piece(ids[t])))
-        return kv, logits[-1], cached, input_lp
+        hidden = self.exact_head.last_hidden()
+        return _Prefilled(kv, logits[-1], None if hidden is None else hidden[0].clone(), cached, input_lp)
 
     # ---- the running batch --------------------------------------------------------------------
     def _merge(self, new_rows: list[tuple[_Row, KV]]) -> None:
@@ -261,10 +275,12 @@ class BatchedEngine:
         for r in rows:
             r.length += 1
         logits = out.logits[:, -1, :].float()
+        hidden = self.exact_head.last_hidden()
         finished: list[int] = []
         next_ids = sample_next(logits, [r.req.sampling for r in rows])
         for i, r in enumerate(rows):
-            reason = self._append_token(r, logits[i : i + 1], int(next_ids[i]))
+            row_hidden = None if hidden is None else hidden[i]
+            reason = self._append_token(r, logits[i : i + 1], int(next_ids[i]), hidden=row_hidden)
             if reason is not None:
                 self._complete(r, reason, batch_index=i)
                 finished.append(i)
@@ -291,8 +307,11 @@ class BatchedEngine:
         self._rows, self._cache = [], None
 
     # ---- tokens, stops and results ------------------------------------------------------------
-    def _append_token(self, row: _Row, logits: torch.Tensor, token: int | None = None) -> dict | None:
-        """Sample (unless given) and record the next token of ``row``; return a finish reason or None."""
+    def _append_token(
+        self, row: _Row, logits: torch.Tensor, token: int | None = None, hidden: torch.Tensor | None = None
+    ) -> dict | None:
+        """Sample (unless given) and record the next token of ``row``; return a finish reason or None.
+        ``hidden`` (the head's input at this position) makes the requested token ids' logprobs exact."""
         req = row.req
         eos = self.eos_token_ids | req.stop_token_ids
         if len(row.out_ids) < req.min_new_tokens and not req.ignore_eos and eos:
@@ -304,7 +323,7 @@ class BatchedEngine:
         row.out_ids.append(token)
         req.sampling.counts[token] += 1
         if req.return_logprob:
-            self._record_logprobs(row, logits[0], token)
+            self._record_logprobs(row, logits[0], token, hidden)
         if not req.ignore_eos and token in eos and len(row.out_ids) > req.min_new_tokens:
             return {"type": "stop", "matched": token}
         hit = self._stop_hit(row) if req.stop else None
@@ -314,7 +333,9 @@ class BatchedEngine:
             return {"type": "length", "length": len(row.out_ids)}
         return None
 
-    def _record_logprobs(self, row: _Row, logits: torch.Tensor, token: int) -> None:
+    def _record_logprobs(
+        self, row: _Row, logits: torch.Tensor, token: int, hidden: torch.Tensor | None
+    ) -> None:
         logprobs = torch.log_softmax(logits, dim=-1)
         row.token_logprobs.append((float(logprobs[token]), token, self._piece(token)))
         if row.req.top_logprobs_num:
@@ -323,9 +344,12 @@ class BatchedEngine:
                 [(float(v), int(i), self._piece(int(i))) for v, i in zip(values, ids, strict=True)]
             )
         if row.req.token_ids_logprob:
-            row.ids_logprobs.append(
-                [(float(logprobs[i]), i, self._piece(i)) for i in row.req.token_ids_logprob]
-            )
+            ids = row.req.token_ids_logprob
+            if hidden is not None:  # fp32 logits of these ids, against the (rounded) normaliser
+                values = self.exact_head.logits(hidden, ids) - torch.logsumexp(logits, dim=-1)
+            else:
+                values = logprobs[list(ids)]
+            row.ids_logprobs.append([(float(v), i, self._piece(i)) for v, i in zip(values, ids, strict=True)])
 
     def _piece(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)

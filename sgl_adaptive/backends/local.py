@@ -21,6 +21,7 @@ from sglang.lang.interpreter import StreamExecutor
 from sglang.lang.ir import SglSamplingParams
 
 from sgl_adaptive.backends.engine import BatchedEngine, GenerationRequest
+from sgl_adaptive.backends.precision import default_dtype, parse_dtype
 from sgl_adaptive.backends.sampling import RowSampling
 from sgl_adaptive.backends.tokenization import TokenMemo
 from sgl_adaptive.chat_template import chat_template_for
@@ -31,11 +32,6 @@ from sgl_adaptive.selfeval import SelfEvalConfig, answer_token_ids
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_dtype(device: str) -> torch.dtype:
-    """fp32 on CPU (no native bf16 here: batched bf16 decoding is slower), bf16 on a GPU."""
-    return torch.float32 if device == "cpu" else torch.bfloat16
 
 
 class LocalBackend(BaseBackend):
@@ -84,12 +80,15 @@ class LocalBackend(BaseBackend):
         dtype: torch.dtype | str | None = None,
         **kwargs: Any,
     ) -> LocalBackend:
-        """Load a Hugging Face model directory (or hub name) and its tokenizer."""
+        """Load a Hugging Face model directory (or hub name) and its tokenizer; ``dtype`` None or "auto" is
+        bf16 on a GPU and on CPUs with native bf16, else fp32 (``precision.default_dtype``)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         device = device or default_device()
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        try:
+            dtype = parse_dtype(dtype)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or default_dtype(device))

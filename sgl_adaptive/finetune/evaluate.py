@@ -94,6 +94,20 @@ def drift_items(examples: Sequence[dict[str, Any]], limit: int) -> list[dict[str
     return items[:limit]
 
 
+def _response_logprobs(model: Any, ids: Any, mask: Any, pos: Any, keep: int) -> Any:
+    """Next-token log-probabilities at the last ``keep`` - 1 positions (on CPU, float32)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
+            position_ids=pos.to(model.device),
+            logits_to_keep=keep,
+        )
+    return torch.log_softmax(out.logits[0, :-1].float(), -1).cpu()
+
+
 def drift(
     base: Any,
     model: Any,
@@ -105,7 +119,6 @@ def drift(
 ) -> dict[str, Any]:
     """How far the policy moved on its own generations: mean KL(base || model) of the next-token
     distributions over held-out response tokens (teacher-forced), and how often their argmax agrees."""
-    import torch
 
     items = drift_items(examples, limit)
     kl_sum, agree, tokens = 0.0, 0, 0
@@ -115,29 +128,7 @@ def drift(
             continue
         ids_t, mask, pos = left_pad([ids[:end]], 0)
         keep = end - start + 1  # positions start-1 .. end-1 predict tokens start .. end
-        with torch.no_grad():
-            lp_base = torch.log_softmax(
-                base(
-                    input_ids=ids_t.to(base.device),
-                    attention_mask=mask.to(base.device),
-                    position_ids=pos.to(base.device),
-                    logits_to_keep=keep,
-                )
-                .logits[0, :-1]
-                .float(),
-                -1,
-            ).cpu()
-            lp_model = torch.log_softmax(
-                model(
-                    input_ids=ids_t.to(model.device),
-                    attention_mask=mask.to(model.device),
-                    position_ids=pos.to(model.device),
-                    logits_to_keep=keep,
-                )
-                .logits[0, :-1]
-                .float(),
-                -1,
-            ).cpu()
+        lp_base, lp_model = (_response_logprobs(m, ids_t, mask, pos, keep) for m in (base, model))
         kl_sum += float((lp_base.exp() * (lp_base - lp_model)).sum())
         agree += int((lp_base.argmax(-1) == lp_model.argmax(-1)).sum())
         tokens += lp_base.shape[0]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sgl_adaptive.backends.precision import ExactHead
 from sgl_adaptive.chat_template import derive_chat_template, render_selfeval_prompt
 from sgl_adaptive.errors import ModelNotFoundError
 from sgl_adaptive.finetune.examples import answer_targets
@@ -141,26 +142,31 @@ def score_examples(
     order = sorted(range(len(encoded)), key=lambda i: lengths[i])
     pad = encoder.tokenizer.pad_token_id if encoder.tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    keep, retry = torch.tensor(encoder.keep_ids), torch.tensor(encoder.retry_ids)
+    answers = [*encoder.keep_ids, *encoder.retry_ids]
+    answers += [t for t in encoder.targets.values() if t not in answers]  # the trained tokens' losses
+    column = {token: j for j, token in enumerate(answers)}
+    n_keep = len(encoder.keep_ids)
     out: list[ExampleScore | None] = [None] * len(encoded)
-    for batch in _batches(order, lengths, batch_tokens, max_rows):
-        ids, mask, pos = (t.to(device) for t in left_pad([encoded[i] for i in batch], pad))
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[
-                :, -1
-            ]
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        for row, i in enumerate(batch):
-            p_no = float(logp[row, keep].exp().sum())
-            p_yes = float(logp[row, retry].exp().sum())
-            label = examples[i].get("label")
-            loss = (
-                -float(logp[row, encoder.target_id(label)])
-                if label in (KEEP_LABEL, RETRY_LABEL)
-                else math.nan
-            )
-            total = p_no + p_yes
-            out[i] = ExampleScore(p_no / total if total > 0 else 0.5, p_no, p_yes, loss)
-        if on_batch:
-            on_batch(len(batch))
+    with ExactHead(model) as exact:
+        for batch in _batches(order, lengths, batch_tokens, max_rows):
+            ids, mask, pos = (t.to(device) for t in left_pad([encoded[i] for i in batch], pad))
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
+                logits = logits[:, -1].float()
+                hidden = exact.last_hidden()
+                answer_logits = logits[:, answers] if hidden is None else exact.logits(hidden, answers)
+            logp = (answer_logits - torch.logsumexp(logits, dim=-1, keepdim=True)).cpu()
+            for row, i in enumerate(batch):
+                p_no = float(logp[row, :n_keep].exp().sum())
+                p_yes = float(logp[row, n_keep:].exp().sum())
+                label = examples[i].get("label")
+                loss = (
+                    -float(logp[row, column[encoder.target_id(label)]])
+                    if label in (KEEP_LABEL, RETRY_LABEL)
+                    else math.nan
+                )
+                total = p_no + p_yes
+                out[i] = ExampleScore(p_no / total if total > 0 else 0.5, p_no, p_yes, loss)
+            if on_batch:
+                on_batch(len(batch))
     return [s for s in out if s is not None]
