@@ -12,17 +12,9 @@ import math
 import sglang as sgl
 
 from sgl_adaptive.config import MethodConfig
-from sgl_adaptive.programs.common import (
-    ProgramOutcome,
-    ProgramRun,
-    Sample,
-    best_score,
-    draw,
-    open_prompt,
-    outcome,
-)
+from sgl_adaptive.programs.adaptive_sampling import sample_in_rounds
+from sgl_adaptive.programs.common import ProgramOutcome, ProgramRun, Sample, open_prompt, outcome
 from sgl_adaptive.programs.early_pruning import prune_and_finish
-from sgl_adaptive.schedules import Annealing, ThresholdStop, batch_sizes
 
 
 def round_keep(size: int, keep: int, n: int) -> int:
@@ -34,14 +26,8 @@ def round_keep(size: int, keep: int, n: int) -> int:
 def adaptive_pruning(s, prompt: str, config: MethodConfig) -> ProgramOutcome:
     with ProgramRun(config) as run:
         open_prompt(run, s, prompt)
-        anneal = Annealing(config.temperature, config.anneal)
-        stop = ThresholdStop(config.threshold)
-        samples: list[Sample] = []
-        for round_index, size in enumerate(batch_sizes(config.n)):
-            k = len(samples)
-            batch = draw(run, s, [anneal(k + i) for i in range(size)], round_index, first_index=k)
+
+        def finish(batch: list[Sample], size: int) -> None:
             prune_and_finish(run, batch, round_keep(size, config.keep, config.n))
-            samples += batch
-            if stop.should_stop(best_score(samples)):
-                break
-        return outcome(run, samples)
+
+        return outcome(run, sample_in_rounds(run, s, finish))

@@ -7,6 +7,9 @@ threshold, or when the budget is spent.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import sglang as sgl
 
 from sgl_adaptive.config import MethodConfig
@@ -23,20 +26,34 @@ from sgl_adaptive.programs.common import (
 )
 from sgl_adaptive.schedules import Annealing, ThresholdStop, batch_sizes
 
+FinishRound = Callable[[list[Sample], int], None]
+"""Generates and scores one round's batch; gets the batch and the round's size."""
+
+
+def sample_in_rounds(run: ProgramRun, s: Any, finish: FinishRound) -> list[Sample]:
+    """The adaptive loop: draw each round at the annealed temperatures of the samples drawn so far,
+    let ``finish`` generate and score it, stop once the best complete sample reaches the threshold."""
+    config = run.config
+    anneal = Annealing(config.temperature, config.anneal)
+    stop = ThresholdStop(config.threshold)
+    samples: list[Sample] = []
+    for round_index, size in enumerate(batch_sizes(config.n)):
+        k = len(samples)
+        batch = draw(run, s, [anneal(k + i) for i in range(size)], round_index, first_index=k)
+        finish(batch, size)
+        samples += batch
+        if stop.should_stop(best_score(samples)):
+            break
+    return samples
+
 
 @sgl.function
 def adaptive_sampling(s, prompt: str, config: MethodConfig) -> ProgramOutcome:
     with ProgramRun(config) as run:
         open_prompt(run, s, prompt)
-        anneal = Annealing(config.temperature, config.anneal)
-        stop = ThresholdStop(config.threshold)
-        samples: list[Sample] = []
-        for round_index, size in enumerate(batch_sizes(config.n)):
-            k = len(samples)
-            batch = draw(run, s, [anneal(k + i) for i in range(size)], round_index, first_index=k)
+
+        def finish(batch: list[Sample], size: int) -> None:
             generate(run, batch, config.max_new_tokens)
             self_evaluate(run, batch)
-            samples += batch
-            if stop.should_stop(best_score(samples)):
-                break
-        return outcome(run, samples)
+
+        return outcome(run, sample_in_rounds(run, s, finish))

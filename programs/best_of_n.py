@@ -8,21 +8,19 @@ from sgl_adaptive.config import MethodConfig
 from sgl_adaptive.programs.common import (
     ProgramOutcome,
     ProgramRun,
-    draw,
+    draw_pool,
     generate,
     open_prompt,
     outcome,
     self_evaluate,
 )
-from sgl_adaptive.schedules import Annealing
 
 
 @sgl.function
 def best_of_n(s, prompt: str, config: MethodConfig) -> ProgramOutcome:
     with ProgramRun(config) as run:
         open_prompt(run, s, prompt)
-        anneal = Annealing(config.temperature, config.anneal if config.anneal_best_of_n else "none")
-        samples = draw(run, s, [anneal(k) for k in range(config.n)], round_index=0, first_index=0)
+        samples = draw_pool(run, s)
         generate(run, samples, config.max_new_tokens)
         self_evaluate(run, samples)
         return outcome(run, samples)

@@ -17,6 +17,7 @@ from sgl_adaptive.config import MethodConfig
 from sgl_adaptive.costs import CostMeter
 from sgl_adaptive.errors import ProgramError, UserError
 from sgl_adaptive.result import Candidate
+from sgl_adaptive.schedules import Annealing
 from sgl_adaptive.selfeval import SelfEvalConfig, score_from_meta_info
 
 EVAL_VAR = "selfeval"
@@ -147,6 +148,13 @@ def draw(
         branch += sgl.assistant_begin()
         samples.append(Sample(branch, first_index + i, temperature, round_index))
     return samples
+
+
+def draw_pool(run: ProgramRun, s: Any) -> list[Sample]:
+    """The ``config.n`` samples of one batch, annealed over the batch when ``config.anneal_best_of_n``."""
+    config = run.config
+    anneal = Annealing(config.temperature, config.anneal if config.anneal_best_of_n else "none")
+    return draw(run, s, [anneal(k) for k in range(config.n)], round_index=0, first_index=0)
 
 
 def generate(run: ProgramRun, samples: list[Sample], max_tokens: int) -> None:

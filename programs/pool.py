@@ -14,13 +14,12 @@ from sgl_adaptive.config import MethodConfig
 from sgl_adaptive.programs.common import (
     ProgramOutcome,
     ProgramRun,
-    draw,
+    draw_pool,
     generate,
     open_prompt,
     outcome,
     self_evaluate,
 )
-from sgl_adaptive.schedules import Annealing
 
 
 @sgl.function
@@ -31,8 +30,7 @@ def sample_pool(
     token limit and at the end (when ``evaluate``)."""
     with ProgramRun(config) as run:
         open_prompt(run, s, prompt)
-        anneal = Annealing(config.temperature, config.anneal if config.anneal_best_of_n else "none")
-        samples = draw(run, s, [anneal(k) for k in range(config.n)], round_index=0, first_index=0)
+        samples = draw_pool(run, s)
         points = sorted({b for b in budgets if 0 < b < config.max_new_tokens} | {config.max_new_tokens})
         done_tokens = 0
         for point in points:
