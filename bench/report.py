@@ -334,15 +334,8 @@ def plot_section(section: Section, out_dir: Path, suffix: str = "") -> list[str]
             )
         if log:
             ax.set_xscale("log")
-        ax.set(xlabel=xlabel, ylabel=ylabel, title=section.title)
-        ax.title.set_fontsize(8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        file = f"{name}{suffix}.png"
-        fig.savefig(out_dir / file, dpi=120)
-        plt.close(fig)
-        written.append(file)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        written.append(_save(fig, ax, section.title, out_dir / f"{name}{suffix}.png", legend_size=8))
     pruned = [r for r in section.rows if r.method in ("prune", "adaptive-prune")]
     if pruned:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -382,16 +375,26 @@ def plot_section(section: Section, out_dir: Path, suffix: str = "") -> list[str]
                     markersize=10,
                     label=f"{row.method} {row.label}".strip(),
                 )
-        ax.set(xlabel="average generated tokens per question", ylabel=ylabel, title=section.title)
-        ax.title.set_fontsize(8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        file = f"pruning{suffix}.png"
-        fig.savefig(out_dir / file, dpi=120)
-        plt.close(fig)
-        written.append(file)
+        ax.set(xlabel="average generated tokens per question", ylabel=ylabel)
+        written.append(_save(fig, ax, section.title, out_dir / f"pruning{suffix}.png", legend_size=7))
     return written
+
+
+def _save(fig: Any, ax: Any, title: str, path: Path, legend_size: int) -> str:
+    """Title, grid and legend in the house style; write the PNG, close the figure; return its file name."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
+PLOT_PREFIXES = ("accuracy_vs_samples", "accuracy_vs_flops", "pruning")
+"""The names of the PNGs ``plot_section`` writes (before the section suffix)."""
 
 
 def write_report(out_dir: str | Path, console: Console | None = None) -> list[Section]:
@@ -410,5 +413,9 @@ def write_report(out_dir: str | Path, console: Console | None = None) -> list[Se
     (out / "summary.md").write_text(markdown(sections, plots), encoding="utf-8")
     rich_tables(sections, console)
     files = ["summary.md", *(f for names in plots.values() for f in names)]
+    for stale in {p for prefix in PLOT_PREFIXES for p in out.glob(f"{prefix}*.png")} - {
+        out / f for f in files
+    }:
+        stale.unlink()  # an earlier report's plot of a section layout that changed (e.g. live only → live + sweep)
     console.print(f"wrote {', '.join(files)} in {out}", highlight=False)
     return sections

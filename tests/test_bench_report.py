@@ -72,8 +72,11 @@ def test_percent_uses_only_the_questions_all_three_rows_share():
 
 def test_report_writes_markdown_and_plots(tmp_path):
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines()))
+    (tmp_path / "pruning-live.png").write_bytes(b"stale")  # an earlier layout's plot
+    (tmp_path / "notes.png").write_bytes(b"mine")  # not ours: left alone
     console = Console(record=True, width=200)
     write_report(tmp_path, console)
+    assert not (tmp_path / "pruning-live.png").exists() and (tmp_path / "notes.png").exists()
     md = (tmp_path / "summary.md").read_text()
     assert "| adaptive | n=4 threshold=0.9 | 4 | 50.0% | 50 |" in md
     for name in ("accuracy_vs_samples.png", "accuracy_vs_flops.png", "pruning.png"):

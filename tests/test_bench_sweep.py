@@ -147,6 +147,7 @@ def test_percent_of_maximum_improvement():
     assert percent_of_max(1.0, 0.5, 1.0) == pytest.approx(100.0)
     assert percent_of_max(0.4, 0.5, 1.0) == pytest.approx(-20.0)
     assert percent_of_max(0.7, 0.5, 0.5) is None
+    assert percent_of_max(0.0, 0.2, 0.0) is None  # Best-of-N worse than greedy: undefined, not 100%
 
 
 def test_grid_and_simulate_cover_every_method():
