@@ -81,13 +81,18 @@ def done_ids(path: Path) -> set[str]:
 
 
 def sample_prompt(
-    item: PromptItem, backend: Any, settings: SamplingSettings, reward: Reward
+    item: PromptItem, backend: Any, settings: SamplingSettings, reward: Reward, *, reseed: bool = True
 ) -> dict[str, Any]:
-    """K on-policy samples of one prompt through the library's ``sample_pool`` program, with rewards."""
+    """K on-policy samples of one prompt through the library's ``sample_pool`` program, with rewards.
+
+    ``reseed`` False (several prompts in flight on one in-process backend, where a reseed would race):
+    the backend keeps its base seed; its request seeds hash the prompt text, so the samples stay
+    deterministic under that seed for a freshly loaded backend, whatever the order or worker count.
+    """
     from sgl_adaptive.programs.pool import sample_pool
     from sgl_adaptive.runner import run_program
 
-    seed = prompt_seed(settings.seed, item.id)
+    seed = prompt_seed(settings.seed, item.id) if reseed else None
     config = MethodConfig(
         n=settings.samples_per_prompt,
         max_new_tokens=settings.max_new_tokens,
@@ -107,7 +112,7 @@ def sample_prompt(
         "id": item.id,
         "prompt": item.prompt,
         "reference": item.reference,
-        "seed": seed,
+        "seed": settings.seed if seed is None else seed,
         "samples": [
             {
                 "index": i,
@@ -140,7 +145,7 @@ def sample_all(
 
     def one(item: PromptItem) -> dict[str, Any] | None:
         try:
-            return sample_prompt(item, backend, settings, reward)
+            return sample_prompt(item, backend, settings, reward, reseed=workers == 1)
         except PromptTooLongError:
             return None
 

@@ -118,7 +118,9 @@ def data_command(
         str | None, typer.Option(help="Record field holding the prompt (default: auto).")
     ] = None,
     shuffle: Annotated[bool, typer.Option(help="Shuffle prompts (by --seed) before --limit.")] = False,
-    workers: Annotated[int, typer.Option(help="Prompts in flight at once (--endpoint only).")] = 1,
+    workers: Annotated[
+        int, typer.Option(help="Prompts in flight at once (batched together on the in-process backend).")
+    ] = 1,
     device: Annotated[
         str | None, typer.Option(help="cpu or cuda (in-process backend and reward model).")
     ] = None,
@@ -141,8 +143,8 @@ def data_command(
             raise UserError(f"--part must be train, dev or all (got {part!r})")
         if not 0.0 <= heldout_fraction < 1.0:
             raise UserError(f"--heldout-fraction must be within [0, 1) (got {heldout_fraction})")
-        if workers > 1 and not endpoint:
-            raise UserError("--workers > 1 needs --endpoint (the in-process backend is seeded per run)")
+        if workers < 1:
+            raise UserError(f"--workers must be at least 1 (got {workers})")
         try:
             budgets = parse_budgets(truncate)
         except ValueError as exc:
