@@ -191,6 +191,23 @@ def test_reward_model_source(tiny_model_dir, tmp_path):
     assert manifest["labels"]["tie_margin"] == pytest.approx(0.1 * std, rel=1e-6)
 
 
+def test_workers_batch_prompts_in_process_and_stay_deterministic(tiny_model_dir, tmp_path):
+    """Several prompts in flight on one in-process backend: the samples do not depend on the worker
+    count (request seeds hash the base seed and the prompt text), and a resume completes the file."""
+    prompts = prompts_file(tmp_path / "p.jsonl", 5)
+    two = data(tiny_model_dir, prompts, tmp_path / "w2", "--workers", "2")
+    assert two.exit_code == 0, two.output
+    assert data(tiny_model_dir, prompts, tmp_path / "w3", "--workers", "3", "--limit", "2").exit_code == 0
+    assert data(tiny_model_dir, prompts, tmp_path / "w3", "--workers", "3").exit_code == 0
+
+    def by_id(path):
+        return {r["id"]: r["samples"] for r in lines(path / "samples.jsonl")}
+
+    assert by_id(tmp_path / "w2") == by_id(tmp_path / "w3") and len(by_id(tmp_path / "w2")) == 5
+    bad = data(tiny_model_dir, prompts, tmp_path / "w0", "--workers", "0")
+    assert bad.exit_code != 0 and "--workers must be at least 1" in bad.output
+
+
 def test_data_through_an_sglang_endpoint(backend, tiny_model_dir, tmp_path):
     """The server path: samples drawn through SGLang's HTTP API (served here by the in-process engine),
     several prompts in flight; the policy's tokenizer comes from the served model path."""

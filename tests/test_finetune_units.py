@@ -169,3 +169,34 @@ def test_one_token_loss_mask_matches_the_models_own_loss(tiny_model_dir):
         )
         assert soft[0].item() == pytest.approx(ours[0].item(), rel=1e-5)  # soft target 1.0 == hard "No"
         assert soft[1].item() != pytest.approx(ours[1].item())
+
+
+def test_lora_layers_adapt_only_the_last_layers(tiny_model_dir):
+    """``--lora-layers N``: adapters only in the last N layers; out-of-range N is a one-line error."""
+    from transformers import AutoModelForCausalLM
+
+    from sgl_adaptive.errors import UserError
+    from sgl_adaptive.finetune.train import TrainSettings, _lora, lora_layer_ids
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    total = model.config.num_hidden_layers
+    assert lora_layer_ids(model, TrainSettings(lora=True)) is None
+    peft_model = _lora(model, TrainSettings(lora=True, lora_layers=1))
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, _ in peft_model.named_parameters() if "lora_" in n}
+    assert adapted == {str(total - 1)}
+    with pytest.raises(UserError, match="--lora-layers must be within"):
+        lora_layer_ids(model, TrainSettings(lora=True, lora_layers=total + 1))
+
+
+def test_mixed_precision_follows_the_hardware(monkeypatch):
+    from sgl_adaptive.backends import precision
+    from sgl_adaptive.errors import UserError
+    from sgl_adaptive.finetune.train import TrainSettings, use_bf16
+
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    assert use_bf16(TrainSettings(), use_cuda=False)
+    assert not use_bf16(TrainSettings(mixed_precision="no"), use_cuda=False)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    assert not use_bf16(TrainSettings(), use_cuda=False)
+    with pytest.raises(UserError, match="--mixed-precision must be auto or no"):
+        use_bf16(TrainSettings(mixed_precision="fp8"), use_cuda=False)

@@ -246,6 +246,12 @@ def train_command(
     ] = 0.0,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
     lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 32,
+    lora_layers: Annotated[
+        int | None, typer.Option(help="With --lora: adapt only the last N layers (default all).")
+    ] = None,
+    mixed_precision: Annotated[
+        str, typer.Option(help="auto (bf16 autocast on bf16 GPUs and bf16-capable CPUs) or no (fp32).")
+    ] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option(help="Trade compute for memory.")] = False,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     logging_steps: Annotated[int, typer.Option(help="Log the training loss every N steps.")] = 10,
@@ -267,6 +273,8 @@ def train_command(
     with _errors():
         if adapter_only and not lora:
             raise UserError("--adapter-only needs --lora")
+        if lora_layers is not None and not lora:
+            raise UserError("--lora-layers needs --lora")
         settings = TrainSettings(
             lora=lora,
             lora_r=lora_r,
@@ -279,6 +287,8 @@ def train_command(
             max_length=max_length,
             soft_labels=soft_labels,
             kl_weight=kl_weight,
+            lora_layers=lora_layers,
+            mixed_precision=mixed_precision,
             gradient_checkpointing=gradient_checkpointing,
             seed=seed,
             logging_steps=logging_steps,

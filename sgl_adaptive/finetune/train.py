@@ -48,6 +48,12 @@ class TrainSettings:
     soft_labels: bool = False
     kl_weight: float = 0.0
     """Weight of the KL guard on response tokens (0: off)."""
+    lora_layers: int | None = None
+    """With LoRA: adapt only the last N transformer layers (None: all). The backward pass then stops
+    at the lowest adapted layer: on a CPU the last 8 of 24 layers train about 1.7× faster."""
+    mixed_precision: str = "auto"
+    """auto: bf16 autocast on bf16 GPUs and on CPUs with native bf16 (3.6× faster on this project's CPU);
+    no: fp32 throughout. Master weights stay fp32 either way."""
     gradient_checkpointing: bool = False
     seed: int = 0
     logging_steps: int = 10
@@ -198,12 +204,24 @@ def _trainer_class() -> type:
     return OneTokenTrainer
 
 
+def lora_layer_ids(model: Any, settings: TrainSettings) -> list[int] | None:
+    """The layers LoRA adapts: the last ``settings.lora_layers`` of the model (None: all)."""
+    if settings.lora_layers is None:
+        return None
+    config = getattr(model.config, "text_config", None) or model.config
+    total = int(config.num_hidden_layers)
+    if not 1 <= settings.lora_layers <= total:
+        raise UserError(f"--lora-layers must be within [1, {total}] (got {settings.lora_layers})")
+    return list(range(total - settings.lora_layers, total))
+
+
 def _lora(model: Any, settings: TrainSettings) -> Any:
     from peft import LoraConfig, get_peft_model
 
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     targets: Any = [t for t in LORA_TARGETS if t in names] or "all-linear"
     config = LoraConfig(
+        layers_to_transform=lora_layer_ids(model, settings),
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
@@ -249,9 +267,21 @@ def export(
     (out / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
+def use_bf16(settings: TrainSettings, use_cuda: bool) -> bool:
+    """Whether to train under bf16 autocast (see ``TrainSettings.mixed_precision``)."""
+    import torch
+
+    from sgl_adaptive.backends.precision import cpu_has_fast_bf16
+
+    if settings.mixed_precision not in ("auto", "no"):
+        raise UserError(f"--mixed-precision must be auto or no (got {settings.mixed_precision!r})")
+    if settings.mixed_precision == "no":
+        return False
+    return torch.cuda.is_bf16_supported() if use_cuda else cpu_has_fast_bf16()
+
+
 def training_arguments(settings: TrainSettings, out: Path, use_cuda: bool) -> Any:
     """The Trainer's arguments (creating them sets up the distributed state under ``accelerate launch``)."""
-    import torch
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -269,7 +299,7 @@ def training_arguments(settings: TrainSettings, out: Path, use_cuda: bool) -> An
         report_to="none",
         seed=settings.seed,
         data_seed=settings.seed,
-        bf16=use_cuda and torch.cuda.is_bf16_supported(),
+        bf16=use_bf16(settings, use_cuda),
         use_cpu=not use_cuda,
         gradient_checkpointing=settings.gradient_checkpointing,
         remove_unused_columns=False,
@@ -307,6 +337,7 @@ def train(
     args = training_arguments(settings, out, use_cuda=torch.cuda.is_available() and device != "cpu")
     main = args.process_index == 0
     model, tokenizer = load_causal_lm(model_path, device=str(args.device), dtype=torch.float32)
+    lora_layer_ids(model, settings)  # a bad --lora-layers fails before any scoring
     encoder = SelfEvalEncoder(tokenizer)
     answer_ids = (encoder.target_id(KEEP_LABEL), encoder.target_id(RETRY_LABEL))
     with_response = settings.kl_weight > 0
@@ -349,7 +380,8 @@ def train(
     report["steps"] = result.global_step
     if not trainer.is_world_process_zero():
         return report
-    model = trainer.model.eval()
+    # without the autocast wrapper that mixed precision put on forward: score and export in full precision
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
     if heldout:
         report["after"] = _heldout_line(
             summarize(heldout, score_examples(model, encoder, heldout)), "trained", log
