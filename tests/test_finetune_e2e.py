@@ -77,7 +77,17 @@ def test_training_improves_heldout_auroc_and_the_checkpoint_serves(tiny_model_di
 
     report = last_json(
         invoke(
-            "finetune", "eval", "--model", ckpt, "--data", synthetic_data, "--drift-samples", "16", "--json"
+            "finetune",
+            "eval",
+            "--model",
+            ckpt,
+            "--data",
+            synthetic_data,
+            "--drift-samples",
+            "16",
+            "--dtype",
+            "float32",
+            "--json",
         )
     )
     assert report["base_model"] == str(tiny_model_dir.resolve())
@@ -133,7 +143,17 @@ def test_kl_guard_keeps_generations_closer_to_the_base(tiny_model_dir, synthetic
         invoke("finetune", "train", "--model", tiny_model_dir, "--data", synthetic_data, "--out", ckpt,
                "--lr", "5e-3", "--max-steps", "30", "--kl-weight", weight, "--heldout-limit", "1")  # fmt: skip
         res = invoke(
-            "finetune", "eval", "--model", ckpt, "--data", synthetic_data, "--drift-samples", "16", "--json"
+            "finetune",
+            "eval",
+            "--model",
+            ckpt,
+            "--data",
+            synthetic_data,
+            "--drift-samples",
+            "16",
+            "--dtype",
+            "float32",
+            "--json",
         )
         drifts.append(last_json(res)["drift"])
     free, guarded = drifts
@@ -163,7 +183,7 @@ def test_lora_exports_merged_checkpoint_and_adapter(tiny_model_dir, synthetic_da
 
     # eval accepts the adapter directory too (merged into its base on load)
     res = invoke("finetune", "eval", "--model", ckpt / "adapter", "--data", synthetic_data, "--base", "none",
-                 "--drift-samples", "0", "--limit", "6", "--json")  # fmt: skip
+                 "--drift-samples", "0", "--limit", "6", "--dtype", "float32", "--json")  # fmt: skip
     report = last_json(res)
     assert report["model"]["mean_score"] == pytest.approx(sum(s_merged) / 6, abs=1e-5)
     assert "base" not in report and "drift" not in report

@@ -91,3 +91,29 @@ def test_exact_head_is_off_for_fp32_models(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     with ExactHead(model) as exact:
         assert not exact.enabled and exact.last_hidden() is None
+
+
+def test_drift_of_a_bf16_model_uses_fp32_logits(bf16_backend):
+    """Drift compares next-token distributions in fp32 even for bf16 models: a model against itself
+    drifts by exactly 0, and its log-probabilities are the fp32 head's, not the bf16-rounded ones."""
+    from sgl_adaptive.finetune.evaluate import _response_logprobs, drift
+    from sgl_adaptive.finetune.scoring import SelfEvalEncoder, left_pad
+
+    model, encoder = bf16_backend.model, SelfEvalEncoder(bf16_backend.tokenizer)
+    example = {"prompt": "What is 2 + 3?", "response": "It is 5.", "text": "It is 5.", "prompt_id": "p"}
+    example |= {"sample": 0, "truncated_tokens": None}
+    ids, start, end = encoder.prompt_ids_and_response(example["prompt"], example["response"])
+    got = _response_logprobs(model, *left_pad([ids[:end]], 0), keep=end - start + 1)
+    head = model.get_output_embeddings()
+    captured = {}
+    hook = head.register_forward_hook(lambda m, inputs, out: captured.update(h=inputs[0]))
+    try:
+        with torch.no_grad():
+            rounded = model(input_ids=torch.tensor([ids[:end]]), logits_to_keep=end - start + 1).logits
+    finally:
+        hook.remove()
+    exact = torch.log_softmax(captured["h"][0, :-1].float() @ head.weight.detach().float().T, -1)
+    assert got == pytest.approx(exact, abs=1e-4)
+    assert (torch.log_softmax(rounded[0, :-1].float(), -1) - exact).abs().max() > 1e-3
+    report = drift(model, model, encoder, [example])
+    assert report["tokens"] == end - start and report["kl_per_token"] == pytest.approx(0.0, abs=1e-9)

@@ -99,6 +99,11 @@ class ExactHead:
         """The last position's hidden state of every row of the latest forward, ``[batch, hidden]``."""
         return None if not self.enabled or self.hidden is None else self.hidden[:, -1]
 
+    def all_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of the whole vocabulary for hidden states ``[..., hidden]`` → ``[..., vocab]``."""
+        out = hidden.float() @ self._head.weight.float().T
+        return out if self._head.bias is None else out + self._head.bias.float()
+
     def logits(self, hidden: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
         """fp32 logits of ``ids`` for hidden states ``[..., hidden]`` → ``[..., len(ids)]``."""
         index = torch.as_tensor(list(ids), device=self._head.weight.device)

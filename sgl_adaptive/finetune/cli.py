@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from sgl_adaptive.cli_options import DtypeOption
 from sgl_adaptive.errors import ProgramError, UserError
 
 app = typer.Typer(
@@ -261,7 +262,7 @@ def train_command(
     save_adapter: Annotated[bool, typer.Option(help="With --lora: also write OUT/adapter.")] = True,
     adapter_only: Annotated[bool, typer.Option(help="With --lora: write only the adapter.")] = False,
     heldout_limit: Annotated[
-        int | None, typer.Option(help="Held-out examples scored before/after (default all).")
+        int | None, typer.Option(help="Held-out examples scored before/after (default all; 0: none).")
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu to force the CPU.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the training report as JSON.")] = False,
@@ -331,12 +332,13 @@ def eval_command(
     ] = 64,
     batch_tokens: Annotated[int, typer.Option(help="Tokens per scoring batch.")] = 8192,
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+    dtype: DtypeOption = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
     out_file: Annotated[Path | None, typer.Option("--out", help="Also write the JSON report here.")] = None,
 ) -> None:
     """AUROC, Brier (per budget), Best-of-N selection and drift, before vs after training."""
     with _errors():
-        report = _evaluate(data, model, base, split, limit, drift_samples, batch_tokens, device)
+        report = _evaluate(data, model, base, split, limit, drift_samples, batch_tokens, device, dtype)
     payload = json.dumps(_json_safe(report), ensure_ascii=False)
     if out_file:
         out_file.write_text(payload + "\n")
@@ -368,13 +370,19 @@ def _evaluate(
     drift_samples: int,
     batch_tokens: int,
     device: str | None,
+    dtype_name: str,
 ) -> dict[str, Any]:
+    from sgl_adaptive.backends.precision import default_dtype, parse_dtype
     from sgl_adaptive.data import read_jsonl
     from sgl_adaptive.finetune.evaluate import drift, drift_items, evaluate_scores
-    from sgl_adaptive.finetune.scoring import SelfEvalEncoder, load_causal_lm, score_examples
+    from sgl_adaptive.finetune.scoring import SelfEvalEncoder, default_device, load_causal_lm, score_examples
     from sgl_adaptive.finetune.train import CHECKPOINT_INFO
     from sgl_adaptive.model_store import resolve_model
 
+    try:
+        dtype = parse_dtype(dtype_name) or default_dtype(device or default_device())
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     if split not in ("heldout", "train"):
         raise UserError(f"--split must be heldout or train (got {split!r})")
     examples = (
@@ -395,6 +403,7 @@ def _evaluate(
     base = None if base in (None, "none", "") else resolve_model(base, console=err)
 
     report: dict[str, Any] = {
+        "dtype": str(dtype).removeprefix("torch."),
         "model_path": model_path,
         "base_model": base,
         "data": {"dir": str(data), "split": split, "examples": len(examples)},
@@ -402,7 +411,7 @@ def _evaluate(
     progress, factory = _progress("scoring")
     with progress:
         with err.status("loading the model …"):
-            tuned, tokenizer = load_causal_lm(model_path, device=device)
+            tuned, tokenizer = load_causal_lm(model_path, device=device, dtype=dtype)
         encoder = SelfEvalEncoder(tokenizer)
         scores = score_examples(
             tuned, encoder, examples, batch_tokens=batch_tokens, on_batch=factory(len(examples))
@@ -410,7 +419,7 @@ def _evaluate(
         report["model"] = evaluate_scores(examples, scores)
         if base:
             with err.status("loading the base model …"):
-                base_model, base_tok = load_causal_lm(base, device=device)
+                base_model, base_tok = load_causal_lm(base, device=device, dtype=dtype)
             base_encoder = SelfEvalEncoder(base_tok)
             base_scores = score_examples(
                 base_model, base_encoder, examples, batch_tokens=batch_tokens, on_batch=factory(len(examples))

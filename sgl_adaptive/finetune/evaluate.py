@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from sgl_adaptive.backends.precision import ExactHead
 from sgl_adaptive.finetune.labels import KEEP_LABEL
 from sgl_adaptive.finetune.metrics import auroc, brier
 from sgl_adaptive.finetune.scoring import ExampleScore, SelfEvalEncoder, left_pad
@@ -95,17 +96,19 @@ def drift_items(examples: Sequence[dict[str, Any]], limit: int) -> list[dict[str
 
 
 def _response_logprobs(model: Any, ids: Any, mask: Any, pos: Any, keep: int) -> Any:
-    """Next-token log-probabilities at the last ``keep`` - 1 positions (on CPU, float32)."""
+    """Next-token log-probabilities at the last ``keep`` - 1 positions (on CPU, float32; a bf16 model's
+    logits are recomputed in fp32, so that rounding does not pass for drift)."""
     import torch
 
-    with torch.no_grad():
+    with ExactHead(model) as exact, torch.no_grad():
         out = model(
             input_ids=ids.to(model.device),
             attention_mask=mask.to(model.device),
             position_ids=pos.to(model.device),
             logits_to_keep=keep,
         )
-    return torch.log_softmax(out.logits[0, :-1].float(), -1).cpu()
+        logits = out.logits[0, :-1] if exact.hidden is None else exact.all_logits(exact.hidden[0, :-1])
+    return torch.log_softmax(logits.float(), -1).cpu()
 
 
 def drift(

@@ -330,7 +330,7 @@ def train(
 
     train_examples = list(read_jsonl(data_dir / "train.jsonl"))
     heldout = list(read_jsonl(data_dir / "heldout.jsonl")) if (data_dir / "heldout.jsonl").is_file() else []
-    heldout = heldout[:heldout_limit] if heldout_limit else heldout
+    heldout = heldout[:heldout_limit] if heldout_limit is not None else heldout  # 0: skip the scoring
     if not train_examples:
         raise UserError(f"{data_dir / 'train.jsonl'} has no examples")
     dtype = _export_dtype(model_path, settings.export_dtype)
