@@ -39,6 +39,13 @@ def last_json(res):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def evaluate(model, data, *extra):
+    """``finetune eval --json`` in fp32, the trainer's own precision (its scores must match exactly)."""
+    return invoke(
+        "finetune", "eval", "--model", model, "--data", data, "--dtype", "float32", "--json", *extra
+    )
+
+
 @pytest.fixture(scope="module")
 def synthetic_data(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
@@ -75,21 +82,7 @@ def test_training_improves_heldout_auroc_and_the_checkpoint_serves(tiny_model_di
     )
     assert trained["steps"] == 60 and trained["before"]["answer_mass"] < trained["after"]["answer_mass"]
 
-    report = last_json(
-        invoke(
-            "finetune",
-            "eval",
-            "--model",
-            ckpt,
-            "--data",
-            synthetic_data,
-            "--drift-samples",
-            "16",
-            "--dtype",
-            "float32",
-            "--json",
-        )
-    )
+    report = last_json(evaluate(ckpt, synthetic_data, "--drift-samples", "16"))
     assert report["base_model"] == str(tiny_model_dir.resolve())
     full, full_before = report["model"]["per_budget"]["full"], report["base"]["per_budget"]["full"]
     assert full["auroc"] >= 0.7 and full["auroc"] >= full_before["auroc"] + 0.2, (full_before, full)
@@ -142,19 +135,7 @@ def test_kl_guard_keeps_generations_closer_to_the_base(tiny_model_dir, synthetic
         ckpt = tmp_path / f"kl{weight}"
         invoke("finetune", "train", "--model", tiny_model_dir, "--data", synthetic_data, "--out", ckpt,
                "--lr", "5e-3", "--max-steps", "30", "--kl-weight", weight, "--heldout-limit", "1")  # fmt: skip
-        res = invoke(
-            "finetune",
-            "eval",
-            "--model",
-            ckpt,
-            "--data",
-            synthetic_data,
-            "--drift-samples",
-            "16",
-            "--dtype",
-            "float32",
-            "--json",
-        )
+        res = evaluate(ckpt, synthetic_data, "--drift-samples", "16")
         drifts.append(last_json(res)["drift"])
     free, guarded = drifts
     assert guarded["kl_per_token"] < free["kl_per_token"] / 5, drifts
@@ -182,8 +163,7 @@ def test_lora_exports_merged_checkpoint_and_adapter(tiny_model_dir, synthetic_da
     assert s_merged != pytest.approx(s_base, abs=1e-3)  # it trained
 
     # eval accepts the adapter directory too (merged into its base on load)
-    res = invoke("finetune", "eval", "--model", ckpt / "adapter", "--data", synthetic_data, "--base", "none",
-                 "--drift-samples", "0", "--limit", "6", "--dtype", "float32", "--json")  # fmt: skip
+    res = evaluate(ckpt / "adapter", synthetic_data, "--base", "none", "--drift-samples", "0", "--limit", "6")
     report = last_json(res)
     assert report["model"]["mean_score"] == pytest.approx(sum(s_merged) / 6, abs=1e-5)
     assert "base" not in report and "drift" not in report
