@@ -304,6 +304,7 @@ def training_arguments(settings: TrainSettings, out: Path, use_cuda: bool) -> An
         gradient_checkpointing=settings.gradient_checkpointing,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length",  # batches of similar lengths: little left-padding (prefixes vs full responses)
         ddp_find_unused_parameters=False,
     )
 
