@@ -336,7 +336,8 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
     out_file: Annotated[Path | None, typer.Option("--out", help="Also write the JSON report here.")] = None,
 ) -> None:
-    """AUROC, Brier (per budget), Best-of-N selection and drift, before vs after training."""
+    """AUROC (95% bootstrap interval over prompts, and within prompts), Brier (per budget), Best-of-K
+    selection against first sample, majority vote and oracle, and drift, before vs after training."""
     with _errors():
         report = _evaluate(data, model, base, split, limit, drift_samples, batch_tokens, device, dtype)
     payload = json.dumps(_json_safe(report), ensure_ascii=False)
@@ -434,7 +435,9 @@ def _evaluate(
                     limit=drift_samples,
                     on_item=factory(len(drift_items(examples, drift_samples))),
                 )
-    report["auroc"], report["brier"] = report["model"]["auroc"], report["model"]["brier"]
+    headline = ("auroc", "brier", "auroc_ci", "within_prompt_auroc", "within_prompt_prompts")
+    report.update({"prompts": report["model"]["prompts"], "best_of_n": report["model"]["best_of_n"]})
+    report.update({key: report["model"][key] for key in headline})
     if base:
-        report["auroc_before"], report["brier_before"] = report["base"]["auroc"], report["base"]["brier"]
+        report.update({f"{key}_before": report["base"][key] for key in headline})
     return report

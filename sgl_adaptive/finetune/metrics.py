@@ -1,9 +1,12 @@
-"""AUROC and Brier score of self-evaluation scores against "No" labels (1 = the response is kept)."""
+"""AUROC and Brier score of self-evaluation scores against "No" labels (1 = the response is kept), and a
+percentile bootstrap over groups (prompts) for their intervals."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import numpy as np
 
 
 def auroc(scores: Sequence[float], positives: Sequence[bool]) -> float:
@@ -11,22 +14,14 @@ def auroc(scores: Sequence[float], positives: Sequence[bool]) -> float:
     (Mann-Whitney with mid-ranks). nan when one class is absent."""
     if len(scores) != len(positives):
         raise ValueError("scores and labels differ in length")
-    n_pos = sum(1 for p in positives if p)
-    n_neg = len(positives) - n_pos
+    pos = np.asarray(positives, dtype=bool)
+    n_pos = int(pos.sum())
+    n_neg = len(pos) - n_pos
     if n_pos == 0 or n_neg == 0:
         return math.nan
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    ranks = [0.0] * len(scores)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        mid = (i + j) / 2 + 1  # 1-based mid-rank of the tied run
-        for k in range(i, j + 1):
-            ranks[order[k]] = mid
-        i = j + 1
-    rank_sum = sum(r for r, p in zip(ranks, positives, strict=True) if p)
+    _, inverse, counts = np.unique(np.asarray(scores, dtype=float), return_inverse=True, return_counts=True)
+    mid_ranks = np.cumsum(counts) - (counts - 1) / 2  # 1-based mid-rank of each tied run
+    rank_sum = float(mid_ranks[inverse.reshape(-1)][pos].sum())
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
@@ -37,3 +32,28 @@ def brier(scores: Sequence[float], targets: Sequence[float]) -> float:
     if not scores:
         return math.nan
     return sum((s - t) ** 2 for s, t in zip(scores, targets, strict=True)) / len(scores)
+
+
+def bootstrap_ci(
+    groups: int,
+    statistic: Callable[[np.ndarray], float],
+    *,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> list[float]:
+    """Percentile bootstrap interval [low, high] of ``statistic`` over ``groups`` groups: each resample draws
+    ``groups`` group indices with replacement (``statistic`` gets that index array). Resamples where the
+    statistic is nan (e.g. a class absent) are skipped; [nan, nan] when none is left. Deterministic in
+    ``seed``."""
+    if groups < 1:
+        return [math.nan, math.nan]
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, groups, size=(resamples, groups))
+    values = np.array([statistic(row) for row in draws], dtype=float)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return [math.nan, math.nan]
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return [float(low), float(high)]
