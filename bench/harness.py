@@ -431,7 +431,7 @@ def draw_pool(backend: Any, item: Item, cfg: MethodConfig, budgets: tuple[int, .
     shape = getattr(backend, "model_shape", None)
     per_eval = result.costs.eval_prefill_per_eval
     return {
-        "candidates": [c.to_json() for c in result.candidates],
+        "candidates": [c.to_dict() for c in result.candidates],
         "prompt_tokens": min(sample_prompts) if sample_prompts else 0,
         "eval_tokens": round(per_eval) if per_eval is not None else 0,
         "shape": dataclasses.asdict(shape) if shape is not None else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,8 @@ class Candidate:
     scores: list[tuple[int, float]] = field(default_factory=list)
     """Every evaluation of this sample as (tokens generated when evaluated, score)."""
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
+        """The candidate as plain JSON-ready values."""
         return {
             "text": self.text,
             "score": self.score,
@@ -54,7 +56,8 @@ class Result:
     def score(self) -> float | None:
         return self.candidates[self.best].score
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
+        """The CLI's ``--json`` object, as plain values."""
         c = self.costs
         return {
             "answer": self.answer,
@@ -63,7 +66,7 @@ class Result:
             "best": self.best,
             "samples": c.samples,
             "batches": c.batches,
-            "candidates": [cand.to_json() for cand in self.candidates],
+            "candidates": [cand.to_dict() for cand in self.candidates],
             "tokens": {
                 "generated": c.generated_tokens,
                 "prefill": c.prefill_tokens,
@@ -77,6 +80,10 @@ class Result:
             "wall_s": round(c.wall_s, 3),
             "config": self.config,
         }
+
+    def to_json(self) -> str:
+        """``to_dict()`` as one line of JSON (what ``sgl-adaptive run --json`` prints)."""
+        return json.dumps(self.to_dict(), ensure_ascii=False)
 
     def summary(self) -> str:
         """One line of costs, for humans."""

@@ -102,7 +102,7 @@ def test_same_seed_same_result(backend):
 
 
 def test_result_json_has_the_documented_keys(backend):
-    out = run(PROMPT, backend, "adaptive", n=2, **SMALL).to_json()
+    out = run(PROMPT, backend, "adaptive", n=2, **SMALL).to_dict()
     for key in (
         "answer",
         "method",
