@@ -6,6 +6,7 @@ sgl-adaptive bench report DIR
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +15,7 @@ from rich.console import Console
 
 from sgl_adaptive.cli_options import DeviceOption, DtypeOption
 from sgl_adaptive.errors import ProgramError, UserError
+from sgl_adaptive.runner import check_device, check_dtype
 
 app = typer.Typer(
     help=(
@@ -129,11 +131,15 @@ def bench(
     from .harness import BenchOptions, interrupted_exit, run_bench
     from .judge import DEFAULT_JUDGE_PROMPT
 
+    created = out is not None and not out.exists()
     try:
         if dataset is None:
             raise UserError("--dataset is required (gsm8k, gsm8k-dev, math-500, org/name or a .jsonl file)")
         if out is None:
             raise UserError("--out DIR is required")
+        if not endpoint:
+            check_dtype(dtype)
+            check_device(device)
         opts = BenchOptions(
             dataset=dataset,
             out=out,
@@ -164,9 +170,23 @@ def bench(
         )
         run_bench(opts, err)
     except (UserError, ProgramError) as exc:
+        if created and out is not None:
+            _remove_if_empty(out)
         raise _fail(str(exc)) from None
     except KeyboardInterrupt:
         interrupted_exit(err, out or Path("."))
+
+
+def _remove_if_empty(out: Path) -> None:
+    """Remove a folder this bench created when the failure left no result in it (only its run log)."""
+    if not out.is_dir():
+        return
+    entries = list(out.iterdir())
+    written = ("results.jsonl", "pools.jsonl")
+    if all(p.is_file() and p.name in ("runs.jsonl", *written) for p in entries) and not any(
+        p.stat().st_size for p in entries if p.name in written
+    ):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 @app.command("report")

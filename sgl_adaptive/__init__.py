@@ -1,9 +1,11 @@
 """sgl-adaptive: adaptive Best-of-N with capability-aware self-evaluation, as SGLang programs.
 
-from sgl_adaptive import LocalBackend, SGLangEndpoint, run
+from sgl_adaptive import LocalBackend, SGLangEndpoint, read_prompt, run
 backend = LocalBackend.from_pretrained("path/to/model")      # or SGLangEndpoint("http://127.0.0.1:30000")
-result = run("What is 17 * 23?", backend, method="adaptive", n=8, threshold=0.9)
+result = run("What is 17 * 23?", backend, method="adaptive", n=8, threshold=0.9)  # or read_prompt("q.txt")
 print(result.answer, result.summary())
+
+Importing the package is cheap: the backends (torch, transformers, sglang) load on first use.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from sgl_adaptive.config import METHODS, MethodConfig
 from sgl_adaptive.costs import Costs
 from sgl_adaptive.errors import UserError
 from sgl_adaptive.result import Candidate, Result
-from sgl_adaptive.runner import load_backend, run
+from sgl_adaptive.runner import load_backend, read_prompt, run
 from sgl_adaptive.selfeval import DEFAULT_EVAL_PROMPT, SelfEvalConfig
 
 if TYPE_CHECKING:
@@ -35,6 +37,7 @@ __all__ = [
     "SelfEvalConfig",
     "UserError",
     "load_backend",
+    "read_prompt",
     "run",
 ]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Annotated
 
@@ -10,8 +9,9 @@ import typer
 from rich.console import Console
 
 from sgl_adaptive.cli_options import DeviceOption, DtypeOption
-from sgl_adaptive.config import METHODS, MethodConfig
+from sgl_adaptive.config import KNOBS, METHODS, MethodConfig, check_options_used
 from sgl_adaptive.errors import ProgramError, UserError
+from sgl_adaptive.runner import check_device, check_dtype, load_backend, read_prompt, run
 
 app = typer.Typer(
     name="sgl-adaptive",
@@ -44,7 +44,14 @@ def main() -> None:
 
 @app.command("run")
 def run_command(
-    prompt: Annotated[str, typer.Argument(help="The user prompt.")],
+    ctx: typer.Context,
+    prompt: Annotated[
+        str | None,
+        typer.Argument(help="The user prompt; - reads it from standard input.", show_default=False),
+    ] = None,
+    prompt_file: Annotated[
+        str | None, typer.Option(help="Read the prompt from this UTF-8 file instead (- : standard input).")
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(help="HF model dir, GGUF file or hub name (default: the embedded 0.5B model)."),
@@ -58,7 +65,7 @@ def run_command(
     prune_at: Annotated[
         int, typer.Option(help="Tokens before partial responses are scored (pruning).")
     ] = 128,
-    keep: Annotated[int, typer.Option(help="Samples continued after the pruning point.")] = 4,
+    keep: Annotated[int, typer.Option(help="Samples continued after the pruning point (at most --n).")] = 4,
     max_new_tokens: Annotated[int, typer.Option(help="Token budget per sample.")] = 512,
     temperature: Annotated[
         float, typer.Option(help="Sampling temperature (annealed by adaptive methods).")
@@ -70,12 +77,12 @@ def run_command(
     dtype: DtypeOption = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
 ) -> None:
-    """Answer PROMPT with a method; print the answer and a one-line cost summary."""
-    from sgl_adaptive.runner import load_backend, run
+    """Answer PROMPT with a method; print the answer and a one-line cost summary.
 
+    Progress (rounds, samples, scores) goes to stderr. An option the method does not read (e.g. --keep
+    with best-of-n) is an error."""
     try:
-        if not prompt.strip():
-            raise UserError("the prompt is empty")
+        text = _prompt_text(prompt, prompt_file)
         config = MethodConfig(
             n=n,
             threshold=threshold,
@@ -88,19 +95,48 @@ def run_command(
             seed=seed,
         )
         config.check_for(method)
+        check_options_used(method, _given(ctx, KNOBS))
+        if not endpoint:
+            check_dtype(dtype)
+            check_device(device)
         with err.status("loading the model …" if not endpoint else f"connecting to {endpoint} …"):
             backend = load_backend(model, endpoint, seed=seed, device=device, dtype=dtype, console=err)
         with err.status(f"running {method} …"):
-            result = run(prompt, backend, method, config)
+            result = run(text, backend, method, config, progress=_progress)
     except (UserError, ProgramError) as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:
         raise fail("interrupted", 130) from None
     if as_json:
-        sys.stdout.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
+        sys.stdout.write(result.to_json() + "\n")
     else:
         typer.echo(result.answer)
         err.print(result.summary(), highlight=False, soft_wrap=True)
+
+
+def _prompt_text(prompt: str | None, prompt_file: str | None) -> str:
+    """PROMPT, or the text of --prompt-file or of standard input (PROMPT ``-``)."""
+    if prompt is not None and prompt_file is not None:
+        raise UserError("give the prompt either as PROMPT or with --prompt-file, not both")
+    if prompt_file is not None:
+        return read_prompt(prompt_file)
+    if prompt is None:
+        raise UserError("no prompt: give PROMPT, - (read from standard input) or --prompt-file PATH")
+    if prompt == "-":
+        return read_prompt("-")
+    if not prompt.strip():
+        raise UserError("the prompt is empty")
+    return prompt
+
+
+def _given(ctx: typer.Context, names: frozenset[str]) -> set[str]:
+    """The options among ``names`` given on the command line (not left at their defaults)."""
+    given = ("COMMANDLINE", "ENVIRONMENT")  # by name: typer may carry its own copy of click's enum
+    return {name for name in names if getattr(ctx.get_parameter_source(name), "name", None) in given}
+
+
+def _progress(line: str) -> None:
+    err.print(line, style="dim", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("model")
@@ -130,12 +166,13 @@ def serve_command(
     """Serve the in-process backend over SGLang's HTTP API (for machines that cannot run the SGLang server)."""
     import time
 
-    from sgl_adaptive.backends.http_server import serve
-    from sgl_adaptive.runner import load_backend
-
     try:
+        check_dtype(dtype)
+        check_device(device)
         with err.status("loading the model …"):
             backend = load_backend(model, None, seed=seed, device=device, dtype=dtype, console=err)
+        from sgl_adaptive.backends.http_server import serve
+
         server = serve(backend, host, port)
     except (UserError, OSError) as exc:
         raise fail(str(exc)) from None

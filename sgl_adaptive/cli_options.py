@@ -7,11 +7,13 @@ from typing import Annotated
 import typer
 
 DeviceOption = Annotated[
-    str | None, typer.Option(help="In-process backend device: cpu or cuda (default: cuda when available).")
+    str | None,
+    typer.Option(help="In-process backend device: cpu, cuda or cuda:N (default: cuda when available)."),
 ]
 DtypeOption = Annotated[
     str,
     typer.Option(
-        help="In-process model dtype: auto (bf16 on GPUs and bf16-capable CPUs), float32, bfloat16."
+        help="In-process model dtype: auto (bf16 on GPUs and bf16-capable CPUs, else float32), float32, "
+        "bfloat16 or float16."
     ),
 ]

@@ -10,6 +10,16 @@ from sgl_adaptive.selfeval import SelfEvalConfig
 
 Method = Literal["greedy", "best-of-n", "adaptive", "prune", "adaptive-prune"]
 METHODS: tuple[str, ...] = ("greedy", "best-of-n", "adaptive", "prune", "adaptive-prune")
+_SAMPLING = {"n", "temperature", "top_p"}
+METHOD_OPTIONS: dict[str, frozenset[str]] = {
+    "greedy": frozenset(),
+    "best-of-n": frozenset(_SAMPLING),
+    "adaptive": frozenset({*_SAMPLING, "threshold", "anneal"}),
+    "prune": frozenset({*_SAMPLING, "prune_at", "keep"}),
+    "adaptive-prune": frozenset({*_SAMPLING, "threshold", "anneal", "prune_at", "keep"}),
+}
+"""The method-specific knobs each method reads (all read ``max_new_tokens`` and ``seed``)."""
+KNOBS: frozenset[str] = frozenset().union(*METHOD_OPTIONS.values())
 
 
 @dataclass(frozen=True)
@@ -61,3 +71,13 @@ class MethodConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_options_used(method: str, given: set[str] | frozenset[str]) -> None:
+    """Refuse knobs given explicitly (field names, e.g. ``{"keep"}``) that ``method`` does not read, such
+    as ``--keep`` with best-of-n: silently ignoring them would hide a mistake."""
+    for name in sorted(given & KNOBS):
+        if name not in METHOD_OPTIONS.get(method, KNOBS):
+            users = [m for m in METHODS if name in METHOD_OPTIONS[m]]
+            option = "--" + name.replace("_", "-")
+            raise UserError(f"{option} is not used by {method} (only by {', '.join(users)})")

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sgl_adaptive.errors import UserError
+
 DEFAULT_EVAL_PROMPT = 'Would you do better if you started over? ("Yes." or "No.")'
 
 
@@ -53,6 +55,10 @@ class SelfEvalScore:
         return self.p_keep + self.p_retry
 
 
+class NoAnswerTokenError(UserError, ValueError):
+    """The tokenizer spells an answer word only with several tokens, so its probability cannot be read."""
+
+
 def normalize_answer(token_text: str) -> str:
     """Case-, space- and period-insensitive form of an answer token (`" No."` -> `"no"`)."""
     return token_text.strip().rstrip(".").strip().lower()
@@ -72,10 +78,15 @@ def answer_token_ids(tokenizer: Any, config: SelfEvalConfig) -> dict[int, str]:
             encoded = tokenizer.encode(variant, add_special_tokens=False)
             if len(encoded) == 1:
                 ids[encoded[0]] = normalize_answer(word)
-    if not any(w == normalize_answer(config.keep_word) for w in ids.values()):
-        raise ValueError(f"no single-token spelling of {config.keep_word!r} in this tokenizer")
-    if not any(w == normalize_answer(config.retry_word) for w in ids.values()):
-        raise ValueError(f"no single-token spelling of {config.retry_word!r} in this tokenizer")
+    found = set(ids.values())
+    missing = [w for w in (config.retry_word, config.keep_word) if normalize_answer(w) not in found]
+    if missing:
+        words = " or ".join(repr(w) for w in missing)
+        raise NoAnswerTokenError(
+            f"this model's tokenizer has no single-token {words}: the self-evaluation score reads "
+            f"P({config.keep_word!r}) and P({config.retry_word!r}) from one next-token distribution, so "
+            "use a model whose tokenizer has both words as single tokens"
+        )
     return ids
 
 
