@@ -38,6 +38,7 @@ from rich.progress import (
 )
 
 from sgl_adaptive.errors import ModelNotFoundError
+from sgl_adaptive.weights import check_finite
 
 MARKER_NAME = "sgl-adaptive.json"
 """Written last into a converted folder (before the atomic rename): its presence means the folder is complete."""
@@ -136,6 +137,7 @@ def merge_adapter(base: Path, adapter: Path, out: Path) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    check_finite(merged, f"the base merged with the adapter {str(adapter)!r}")
     merged.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
     return out

@@ -120,11 +120,13 @@ def test_auroc_and_brier():
 
 
 def test_one_token_loss_mask_matches_the_models_own_loss(tiny_model_dir):
-    """The collator masks every position but the answer token: the model's own causal-LM loss on
-    those labels equals ours, rows are left-padded, and our loss ignores all other tokens."""
+    """The collator right-pads without an attention mask and gathers each row's answer position: the
+    model's own causal-LM loss on the collator's labels equals ours, each row equals its solo run, and
+    soft labels mix the two answers."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from sgl_adaptive.finetune.batching import HeadGather
     from sgl_adaptive.finetune.scoring import SelfEvalEncoder
     from sgl_adaptive.finetune.train import OneTokenCollator, encode_examples, one_token_loss
 
@@ -143,30 +145,36 @@ def test_one_token_loss_mask_matches_the_models_own_loss(tiny_model_dir):
     features, dropped = encode_examples(examples, enc, 2048, with_response=True)
     assert dropped == 0
     batch = OneTokenCollator(tok.pad_token_id, with_response=True)(features)
+    assert "attention_mask" not in batch and "position_ids" not in batch
+    lengths = [len(f["input_ids"]) for f in features]
+    assert lengths[0] != lengths[1]
     labels = batch["labels"]
     assert (labels != -100).sum(dim=1).tolist() == [1, 1]
-    assert labels[:, -1].tolist() == [enc.target_id("No"), enc.target_id("Yes")]
-    short = min(range(2), key=lambda r: len(features[r]["input_ids"]))
-    assert batch["attention_mask"][short, 0] == 0 and batch["attention_mask"][:, -1].tolist() == [1, 1]
-    # the response mask marks the positions predicting the response tokens (row 1: nine words)
-    assert batch["response_mask"][1].sum() >= 9 and not batch["response_mask"][:, -3:].any()
+    assert [labels[r, n - 1].item() for r, n in enumerate(lengths)] == [
+        enc.target_id("No"),
+        enc.target_id("Yes"),
+    ]
+    assert batch["targets"].tolist() == [enc.target_id("No"), enc.target_id("Yes")]
+    assert batch["gather_index"][:, 0].tolist() == [n - 2 for n in lengths]
+    # the KL positions of row 1 predict its nine response words, all before the answer position
+    valid = batch["gather_valid"]
+    assert valid[1, 1:].sum() >= 9 and bool((batch["gather_index"][valid] < max(lengths) - 1).all())
 
-    with torch.no_grad():
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-        hf = model(**inputs, labels=labels).loss
-        ours, _ = one_token_loss(model(**inputs, logits_to_keep=2).logits[:, -2], labels, (0, 0))
+    with torch.no_grad(), HeadGather(model) as gather:
+        hf = model(input_ids=batch["input_ids"], labels=labels).loss
+        with gather.at(batch["gather_index"][:, :1]):
+            logits = model(input_ids=batch["input_ids"], logits_to_keep=0).logits
+        assert logits.shape[:2] == (2, 1)
+        ours, _ = one_token_loss(logits[:, 0], batch["targets"], (0, 0))
         assert ours.mean().item() == pytest.approx(hf.item(), rel=1e-5)
-        # each row alone gives the same per-row loss (left padding is invisible)
+        # each row alone gives the same per-row loss (right padding without a mask is invisible)
         for row, f in enumerate(features):
-            solo = torch.tensor([f["input_ids"]])
-            logits = model(input_ids=solo).logits[0, -2]
-            expected = -torch.log_softmax(logits, -1)[f["input_ids"][-1]]
+            solo = model(input_ids=torch.tensor([f["input_ids"]])).logits[0, -2]
+            expected = -torch.log_softmax(solo, -1)[f["input_ids"][-1]]
             assert ours[row].item() == pytest.approx(expected.item(), rel=1e-4)
         # soft labels: q = 1 is the hard "No" loss; q = 0.25 mixes in "Yes"
         no_id, yes_id = enc.target_id("No"), enc.target_id("Yes")
-        soft, _ = one_token_loss(
-            model(**inputs, logits_to_keep=2).logits[:, -2], labels, (no_id, yes_id), batch["soft_no"]
-        )
+        soft, _ = one_token_loss(logits[:, 0], batch["targets"], (no_id, yes_id), batch["soft_no"])
         assert soft[0].item() == pytest.approx(ours[0].item(), rel=1e-5)  # soft target 1.0 == hard "No"
         assert soft[1].item() != pytest.approx(ours[1].item())
 

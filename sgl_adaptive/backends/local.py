@@ -28,6 +28,7 @@ from sgl_adaptive.chat_template import chat_template_for
 from sgl_adaptive.costs import ModelShape
 from sgl_adaptive.errors import ModelNotFoundError, PromptTooLongError, UserError
 from sgl_adaptive.selfeval import SelfEvalConfig, answer_token_ids
+from sgl_adaptive.weights import check_finite
 
 
 def default_device() -> str:
@@ -95,6 +96,7 @@ class LocalBackend(BaseBackend):
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelNotFoundError(f"cannot load model {path!r}: {first}") from exc
+        check_finite(model, f"model {path!r}")  # a diverged checkpoint is an error, not a server
         return cls(model.to(device), tokenizer, model_path=path, **kwargs)
 
     # ---- BaseBackend ---------------------------------------------------------------------------

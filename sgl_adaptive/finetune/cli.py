@@ -240,8 +240,20 @@ def train_command(
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
     max_length: Annotated[int, typer.Option(help="Drop examples longer than this (tokens).")] = 2048,
     soft_labels: Annotated[
-        bool, typer.Option(help="Train on the empirical P(win or tie) instead of the hard label.")
-    ] = False,
+        bool,
+        typer.Option(
+            "--soft-labels/--hard-labels",
+            help="Target: the pairwise P(win or tie) against another sample (the paper's, default) "
+            "or the hard label 'no other sample beats it'.",
+        ),
+    ] = True,
+    max_examples: Annotated[
+        int | None, typer.Option(help="Train on a seeded random subset of N examples (short CPU runs).")
+    ] = None,
+    budgets: Annotated[
+        str | None,
+        typer.Option(help="Train only on these budgets, e.g. full,64,128 (default: all in the data)."),
+    ] = None,
     kl_weight: Annotated[
         float, typer.Option(help="KL guard to the frozen base on response tokens (0: off).")
     ] = 0.0,
@@ -268,10 +280,14 @@ def train_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the training report as JSON.")] = False,
 ) -> None:
     """One-token SFT of the policy on its self-evaluation labels; exports an HF checkpoint."""
-    from sgl_adaptive.finetune.train import TrainSettings, train
+    from sgl_adaptive.finetune.train import TrainSettings, parse_train_budgets, train
     from sgl_adaptive.model_store import resolve_model
 
     with _errors():
+        if max_examples is not None and max_examples < 1:
+            raise UserError(f"--max-examples must be at least 1 (got {max_examples})")
+        if lr is not None and not (math.isfinite(lr) and lr > 0):
+            raise UserError(f"--lr must be a positive number (got {lr})")
         if adapter_only and not lora:
             raise UserError("--adapter-only needs --lora")
         if lora_layers is not None and not lora:
@@ -287,6 +303,8 @@ def train_command(
             grad_accum=grad_accum,
             max_length=max_length,
             soft_labels=soft_labels,
+            max_examples=max_examples,
+            budgets=parse_train_budgets(budgets),
             kl_weight=kl_weight,
             lora_layers=lora_layers,
             mixed_precision=mixed_precision,

@@ -13,10 +13,12 @@ from typing import Any
 
 from sgl_adaptive.backends.precision import ExactHead
 from sgl_adaptive.chat_template import derive_chat_template, render_selfeval_prompt
-from sgl_adaptive.errors import ModelNotFoundError
+from sgl_adaptive.errors import ModelNotFoundError, ProgramError
+from sgl_adaptive.finetune.batching import HeadGather, right_pad
 from sgl_adaptive.finetune.examples import answer_targets
 from sgl_adaptive.finetune.labels import KEEP_LABEL, RETRY_LABEL
 from sgl_adaptive.selfeval import SelfEvalConfig, answer_token_ids, normalize_answer
+from sgl_adaptive.weights import check_finite
 
 
 def default_device() -> str:
@@ -27,7 +29,7 @@ def default_device() -> str:
 
 def load_causal_lm(path: str, *, device: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
     """(model, tokenizer) of an HF directory/hub name, or of a PEFT adapter directory merged into its base.
-    fp32 on CPU, bf16 on a GPU unless ``dtype`` is given."""
+    fp32 on CPU, bf16 on a GPU unless ``dtype`` is given. Non-finite weights are a one-line error."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -49,6 +51,7 @@ def load_causal_lm(path: str, *, device: str | None = None, dtype: Any = None) -
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotFoundError(f"cannot load model {path!r}: {first}") from exc
+    check_finite(model, f"model {path!r}")
     return model.to(device).eval(), tokenizer
 
 
@@ -99,7 +102,8 @@ class SelfEvalEncoder:
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Any, Any, Any]:
     """(input_ids, attention_mask, position_ids), left-padded so every row ends at the last column;
-    positions count real tokens only, so a padded row computes what it would alone."""
+    positions count real tokens only, so a padded row computes what it would alone. For one row (the
+    drift measure) there is no padding; batches use ``batching.right_pad`` (no mask, no masked rows)."""
     import torch
 
     width = max(len(r) for r in rows)
@@ -134,7 +138,8 @@ def score_examples(
     max_rows: int = 32,
     on_batch: Any = None,
 ) -> list[ExampleScore]:
-    """Scores of ``examples`` (``prompt``, ``text``, optional ``label``), batched by length."""
+    """Scores of ``examples`` (``prompt``, ``text``, optional ``label``), batched by length (right-padded,
+    no attention mask: see ``batching``). A non-finite score is an error, never a silent 0.5."""
     import torch
 
     encoded = [encoder.prompt_ids(ex["prompt"], ex["text"]) for ex in examples]
@@ -147,11 +152,11 @@ def score_examples(
     column = {token: j for j, token in enumerate(answers)}
     n_keep = len(encoder.keep_ids)
     out: list[ExampleScore | None] = [None] * len(encoded)
-    with ExactHead(model) as exact:
+    with HeadGather(model) as gather, ExactHead(model) as exact:
         for batch in _batches(order, lengths, batch_tokens, max_rows):
-            ids, mask, pos = (t.to(device) for t in left_pad([encoded[i] for i in batch], pad))
-            with torch.no_grad():
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
+            ids, row_lengths = right_pad([encoded[i] for i in batch], pad)
+            with torch.no_grad(), gather.at((row_lengths - 1)[:, None]):
+                logits = model(input_ids=ids.to(device), logits_to_keep=0).logits  # each row's last token
                 logits = logits[:, -1].float()
                 hidden = exact.last_hidden()
                 answer_logits = logits[:, answers] if hidden is None else exact.logits(hidden, answers)
@@ -166,7 +171,12 @@ def score_examples(
                     else math.nan
                 )
                 total = p_no + p_yes
-                out[i] = ExampleScore(p_no / total if total > 0 else 0.5, p_no, p_yes, loss)
+                if not (math.isfinite(total) and total > 0):
+                    raise ProgramError(
+                        f"non-finite or zero answer probabilities (P(No) {p_no}, P(Yes) {p_yes}) "
+                        f"for example {i} of prompt {examples[i].get('prompt_id')!r}: the model is broken"
+                    )
+                out[i] = ExampleScore(p_no / total, p_no, p_yes, loss)
             if on_batch:
                 on_batch(len(batch))
     return [s for s in out if s is not None]

@@ -1,11 +1,17 @@
 """``finetune train``: supervised fine-tuning on the single answer token, with the transformers Trainer.
 
 Each example is the exact text the programs send for a self-evaluation (prompt, response or prefix,
-evaluation turn, opened assistant turn) followed by the answer token ("No" or "Yes"); the loss is the
-cross-entropy of that one token (or, with soft labels, of the two answers weighted by the empirical
-P(win or tie)). Optional KL guard: KL(frozen base || model) of the next-token distributions on the
-response tokens, so the policy's own generations stay put. LoRA (peft) is merged on export; full
-fine-tuning is the same loop. ``accelerate launch`` runs it on several GPUs unchanged (Trainer).
+evaluation turn, opened assistant turn) followed by the answer token ("No" or "Yes"). The loss is the
+cross-entropy of that one token. By default the target is the paper's pairwise one: "No" with the
+empirical P(win or tie) against another sample of the same prompt (``soft_no``); ``soft_labels``
+False trains on the hard label "no other sample beats it". Optional KL guard: KL(frozen base || model)
+of the next-token distributions on the response tokens, so the policy's own generations stay put.
+LoRA (peft) is merged on export; full fine-tuning is the same loop. ``accelerate launch`` runs it on
+several GPUs unchanged (Trainer).
+
+Batches are right-padded and mask-free (``batching.py`` says why), and the cuDNN attention kernels
+are off while training. A non-finite loss or gradient stops the run with a one-line error naming the
+step, before the optimizer applies it; export refuses non-finite weights. Nothing is written then.
 """
 
 from __future__ import annotations
@@ -13,14 +19,17 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from sgl_adaptive.errors import UserError
+from sgl_adaptive.finetune.batching import HeadGather, right_pad
 from sgl_adaptive.finetune.labels import KEEP_LABEL, RETRY_LABEL
-from sgl_adaptive.finetune.scoring import SelfEvalEncoder, left_pad
+from sgl_adaptive.finetune.scoring import SelfEvalEncoder
+from sgl_adaptive.weights import check_finite
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINT_INFO = "sgl-adaptive-finetune.json"
@@ -45,7 +54,12 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_length: int = 2048
     """Examples longer than this (tokens, with the evaluation turn) are dropped and counted."""
-    soft_labels: bool = False
+    soft_labels: bool = True
+    """True: the pairwise target P(win or tie) (the paper's); False: the hard "no sibling beats it"."""
+    max_examples: int | None = None
+    """Train on a seeded random subset of this many examples (None: all), for short CPU runs."""
+    budgets: tuple[str, ...] | None = None
+    """Train only on these truncation budgets ("full" and token counts as strings; None: all)."""
     kl_weight: float = 0.0
     """Weight of the KL guard on response tokens (0: off)."""
     lora_layers: int | None = None
@@ -95,9 +109,12 @@ def encode_examples(
 
 
 class OneTokenCollator:
-    """Left-pads a batch so the answer token is the last column; ``labels`` is -100 everywhere except
-    that column (the standard causal-LM format: the model's own loss equals ours). With the KL guard,
-    ``response_mask`` marks the positions that predict a response token."""
+    """Right-pads a batch without an attention mask (see ``batching``).
+
+    ``gather_index[:, 0]`` is each row's position ``len - 2``, whose logits predict the answer token;
+    ``targets`` holds that token. ``labels`` is -100 everywhere except the answer token (the standard
+    causal-LM format: the model's own loss equals ours). With the KL guard, ``gather_index[:, 1:]``
+    lists the positions that predict response tokens and ``gather_valid`` marks the real ones."""
 
     def __init__(self, pad_id: int, with_response: bool = False) -> None:
         self.pad_id, self.with_response = pad_id, with_response
@@ -105,45 +122,105 @@ class OneTokenCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        ids, mask, positions = left_pad([f["input_ids"] for f in features], self.pad_id)
+        ids, lengths = right_pad([f["input_ids"] for f in features], self.pad_id)
+        rows = torch.arange(len(features))
         labels = torch.full_like(ids, -100)
-        labels[:, -1] = ids[:, -1]
-        batch = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "position_ids": positions,
-            "labels": labels,
-            "soft_no": torch.tensor([f["soft_no"] for f in features], dtype=torch.float32),
-        }
+        labels[rows, lengths - 1] = ids[rows, lengths - 1]
+        columns = [[int(n) - 2] for n in lengths]
         if self.with_response:
-            response = torch.zeros_like(ids, dtype=torch.bool)
-            width = ids.shape[1]
-            for row, f in enumerate(features):
+            for column, f in zip(columns, features, strict=True):
                 start, end = f["response"]
-                offset = width - len(f["input_ids"])
-                if end > start:  # position p predicts token p + 1
-                    response[row, offset + max(start - 1, 0) : offset + end - 1] = True
-            batch["response_mask"] = response
-        return batch
+                column += range(max(start - 1, 0), end - 1)  # position p predicts token p + 1
+        width = max(len(c) for c in columns)
+        index = torch.tensor([c + [c[0]] * (width - len(c)) for c in columns], dtype=torch.long)
+        valid = torch.tensor([[True] * len(c) + [False] * (width - len(c)) for c in columns])
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "targets": ids[rows, lengths - 1],
+            "soft_no": torch.tensor([f["soft_no"] for f in features], dtype=torch.float32),
+            "gather_index": index,
+            "gather_valid": valid,
+        }
 
 
 def one_token_loss(
-    logits: Any, labels: Any, answer_ids: tuple[int, int], soft_no: Any | None = None
+    logits: Any, targets: Any, answer_ids: tuple[int, int], soft_no: Any | None = None
 ) -> tuple[Any, Any]:
-    """Per-example loss from the logits at the position before the last (which predict the answer).
+    """Per-example loss from the logits that predict the answer token.
 
-    ``logits``: (batch, vocab) at that position; ``labels``: the collator's labels. Hard: -log P(target).
-    Soft: -(q log P(No) + (1 - q) log P(Yes)), q = ``soft_no``. Returns (loss per example, log-probs)."""
+    ``logits``: (batch, vocab); ``targets``: (batch,) answer token ids. Hard: -log P(target).
+    Soft: -(q log P(No) + (1 - q) log P(Yes)), q = ``soft_no`` (a weight of 0 contributes exactly 0,
+    even where a log-probability is -inf). Returns (loss per example, log-probs)."""
     import torch
 
     logp = torch.log_softmax(logits.float(), dim=-1)
     if soft_no is None:
-        loss = -logp.gather(1, labels[:, -1:].to(logp.device)).squeeze(1)
+        loss = -logp.gather(1, targets.reshape(-1, 1).to(logp.device)).squeeze(1)
     else:
         no_id, yes_id = answer_ids
         q = soft_no.to(logp.device)
-        loss = -(q * logp[:, no_id] + (1 - q) * logp[:, yes_id])
+        loss = -(_weighted(q, logp[:, no_id]) + _weighted(1 - q, logp[:, yes_id]))
     return loss, logp
+
+
+def _weighted(weight: Any, logp: Any) -> Any:
+    """weight · logp, with 0 where the weight is 0 (0 · -inf would be NaN)."""
+    import torch
+
+    return torch.where(weight > 0, weight * logp, torch.zeros_like(logp))
+
+
+class TrainingDivergedError(UserError):
+    """A non-finite loss or gradient: training stops before the optimizer applies it."""
+
+
+def _diverged(what: str, step: int, detail: str = "") -> TrainingDivergedError:
+    return TrainingDivergedError(
+        f"training stopped at step {step}: non-finite {what}{detail}; nothing was exported "
+        "(lower --lr, or check the data)"
+    )
+
+
+def non_finite_gradients(model: Any) -> list[str]:
+    """Names of the trainable parameters whose gradient holds a NaN or an inf (one device sync)."""
+    import torch
+
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(g).all() for _, g in named]).cpu()
+    return [n for (n, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
+
+
+@contextmanager
+def training_attention_kernels() -> Iterator[None]:
+    """cuDNN's SDPA kernels off for the duration (flash / memory-efficient / math remain).
+
+    Their backward has returned NaN gradients on Hopper GPUs in shapes a fine-tuning batch can take
+    (pytorch/pytorch#196678; huggingface/trl#7181), at no throughput cost when off for this model."""
+    import torch
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def _finite_gradient_guard() -> Any:
+    """A TrainerCallback that stops training before an optimizer step with a non-finite gradient."""
+    from transformers import TrainerCallback
+
+    class FiniteGradientGuard(TrainerCallback):
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any):
+            bad = non_finite_gradients(model)
+            if bad:
+                raise _diverged("gradient", state.global_step + 1, f" in {len(bad)} tensor(s), e.g. {bad[0]}")
+            return control
+
+    return FiniteGradientGuard()
 
 
 def _trainer_class() -> type:
@@ -165,6 +242,8 @@ def _trainer_class() -> type:
         ):
             super().__init__(*args, **kw)
             self.answer_ids, self.settings, self.ref_model = answer_ids, settings, ref_model
+            self.gather = HeadGather(self.model)
+            self.ref_gather = HeadGather(ref_model) if ref_model is not None else None
 
         def compute_loss(
             self,
@@ -173,33 +252,35 @@ def _trainer_class() -> type:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ):
-            labels = inputs.pop("labels")
-            soft = inputs.pop("soft_no")
-            response = inputs.pop("response_mask", None)
-            kl_on = response is not None and self.settings.kl_weight > 0 and bool(response.any())
-            keep = inputs["input_ids"].shape[1] - int(response.float().argmax(-1).min()) if kl_on else 2
-            outputs = model(**inputs, logits_to_keep=max(keep, 2))
+            inputs.pop("labels")
+            targets, soft = inputs.pop("targets"), inputs.pop("soft_no")
+            index, valid = inputs.pop("gather_index"), inputs.pop("gather_valid")
+            with self.gather.at(index):
+                outputs = model(**inputs, logits_to_keep=0)  # logits at ``index`` only
             logits = outputs.logits
             loss, _ = one_token_loss(
-                logits[:, -2], labels, self.answer_ids, soft if self.settings.soft_labels else None
+                logits[:, 0], targets, self.answer_ids, soft if self.settings.soft_labels else None
             )
             loss = loss.mean()
-            if kl_on:
-                tail = response[:, -logits.shape[1] :]
+            response = valid[:, 1:]
+            if self.settings.kl_weight > 0 and bool(response.any()):
                 with torch.no_grad():
-                    teacher = self._teacher_logits(model, inputs, logits.shape[1])
-                t_logp = torch.log_softmax(teacher[tail].float(), -1)
-                s_logp = torch.log_softmax(logits[tail].float(), -1)
+                    teacher = self._teacher_logits(model, inputs, index)
+                t_logp = torch.log_softmax(teacher[:, 1:][response].float(), -1)
+                s_logp = torch.log_softmax(logits[:, 1:][response].float(), -1)
                 kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
                 loss = loss + self.settings.kl_weight * kl
+            if not bool(torch.isfinite(loss.detach())):
+                raise _diverged("loss", self.state.global_step + 1, f" ({float(loss.detach())})")
             return (loss, outputs) if return_outputs else loss
 
-        def _teacher_logits(self, model: Any, inputs: dict[str, Any], keep: int) -> Any:
+        def _teacher_logits(self, model: Any, inputs: dict[str, Any], index: Any) -> Any:
             if self.ref_model is not None:
-                return self.ref_model(**inputs, logits_to_keep=keep).logits
+                with self.ref_gather.at(index):
+                    return self.ref_model(**inputs, logits_to_keep=0).logits
             unwrapped = self.accelerator.unwrap_model(model)
-            with unwrapped.disable_adapter():  # LoRA: the base model is the adapter switched off
-                return unwrapped(**inputs, logits_to_keep=keep).logits
+            with unwrapped.disable_adapter(), self.gather.at(index):  # LoRA: the base is the adapter off
+                return unwrapped(**inputs, logits_to_keep=0).logits
 
     return OneTokenTrainer
 
@@ -253,16 +334,24 @@ def export(
     model: Any, tokenizer: Any, out: Path, settings: TrainSettings, dtype: Any, info: dict[str, Any]
 ) -> None:
     """Write the checkpoint (merged when LoRA) with tokenizer and chat template, and/or the adapter alone
-    (in the export dtype, without a tokenizer: the base's is used)."""
+    (in the export dtype, without a tokenizer: the base's is used). Refuses non-finite weights (before
+    and after the cast to the export dtype, which can overflow) and then writes nothing."""
+    check_finite(model, "the trained model")
+    lora_state = {k: v.detach().to(dtype) for k, v in model.state_dict().items() if "lora_" in k}
+    check_finite(lora_state, f"the trained adapter in {str(dtype).removeprefix('torch.')}")
     out.mkdir(parents=True, exist_ok=True)
     if settings.lora and (settings.save_adapter or settings.adapter_only):
-        lora_state = {k: v.detach().to(dtype) for k, v in model.state_dict().items() if "lora_" in k}
         model.save_pretrained(out / "adapter", state_dict=lora_state)
         (out / "adapter" / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     if settings.lora and settings.adapter_only:
         return
-    merged = model.merge_and_unload() if settings.lora else model
-    merged.to(dtype).save_pretrained(out, safe_serialization=True)
+    merged = (model.merge_and_unload() if settings.lora else model).to(dtype)
+    try:
+        check_finite(merged, f"the merged model in {str(dtype).removeprefix('torch.')}")
+    except UserError:
+        shutil.rmtree(out / "adapter", ignore_errors=True)
+        raise
+    merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
@@ -299,12 +388,13 @@ def training_arguments(settings: TrainSettings, out: Path, use_cuda: bool) -> An
         report_to="none",
         seed=settings.seed,
         data_seed=settings.seed,
+        logging_nan_inf_filter=False,  # a non-finite loss stops the run; never average it away
         bf16=use_bf16(settings, use_cuda),
         use_cpu=not use_cuda,
         gradient_checkpointing=settings.gradient_checkpointing,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        train_sampling_strategy="group_by_length",  # batches of similar lengths: little left-padding (prefixes vs full responses)
+        train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding (prefixes vs full responses)
         ddp_find_unused_parameters=False,
     )
 
@@ -322,18 +412,39 @@ def train(
     """Train on ``DATA/train.jsonl``, report the held-out loss/mass/AUROC before and after, export.
 
     Under ``accelerate launch`` every process trains; only the main one scores the held-out set,
-    exports, and gets ``report["exported"]``."""
+    exports, and gets ``report["exported"]``. On any failure an ``out`` this call created is removed:
+    a diverged run leaves no weights behind."""
+    created = not out.exists()
+    try:
+        return _train_and_export(model_path, data_dir, out, settings, device, heldout_limit, log)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train_and_export(
+    model_path: str,
+    data_dir: Path,
+    out: Path,
+    settings: TrainSettings,
+    device: str | None,
+    heldout_limit: int | None,
+    log: Any,
+) -> dict[str, Any]:
     import torch
 
     from sgl_adaptive.data import read_jsonl
     from sgl_adaptive.finetune.evaluate import summarize
     from sgl_adaptive.finetune.scoring import load_causal_lm, score_examples
 
-    train_examples = list(read_jsonl(data_dir / "train.jsonl"))
+    if not (data_dir / "train.jsonl").is_file():
+        raise UserError(f"{data_dir} has no train.jsonl (run `sgl-adaptive finetune data` first)")
+    train_examples = select_examples(list(read_jsonl(data_dir / "train.jsonl")), settings)
     heldout = list(read_jsonl(data_dir / "heldout.jsonl")) if (data_dir / "heldout.jsonl").is_file() else []
     heldout = heldout[:heldout_limit] if heldout_limit is not None else heldout  # 0: skip the scoring
     if not train_examples:
-        raise UserError(f"{data_dir / 'train.jsonl'} has no examples")
+        raise UserError(f"{data_dir / 'train.jsonl'} has no examples (after --budgets / --max-examples)")
     dtype = _export_dtype(model_path, settings.export_dtype)
     args = training_arguments(settings, out, use_cuda=torch.cuda.is_available() and device != "cpu")
     main = args.process_index == 0
@@ -348,7 +459,9 @@ def train(
 
     report: dict[str, Any] = {
         "train_examples": len(features),
+        "train_prompts": len({ex.get("prompt_id") for ex in train_examples}),
         "dropped_too_long": dropped,
+        "labels": "pairwise P(win or tie)" if settings.soft_labels else "hard (no sibling beats it)",
         "processes": args.world_size,
     }
     if main and heldout:
@@ -375,8 +488,13 @@ def train(
         answer_ids=answer_ids,
         settings=settings,
         ref_model=ref_model,
+        callbacks=[_finite_gradient_guard()],
     )
-    result = trainer.train()
+    try:
+        with training_attention_kernels():
+            result = trainer.train()
+    finally:
+        shutil.rmtree(out / "trainer", ignore_errors=True)
     report["train_loss"] = result.training_loss
     report["steps"] = result.global_step
     if not trainer.is_world_process_zero():
@@ -394,10 +512,39 @@ def train(
         "export_dtype": str(dtype).removeprefix("torch."),
         "report": _finite(report),
     }
-    shutil.rmtree(out / "trainer", ignore_errors=True)
     export(model, tokenizer, out, settings, dtype, info)
     report["exported"] = str(out)
     return report
+
+
+def select_examples(examples: list[dict[str, Any]], settings: TrainSettings) -> list[dict[str, Any]]:
+    """The training examples ``settings.budgets`` and ``settings.max_examples`` keep (a seeded subset)."""
+    import random
+
+    if settings.budgets is not None:
+        wanted = set(settings.budgets)
+        examples = [ex for ex in examples if _budget_name(ex) in wanted]
+    if settings.max_examples is not None and settings.max_examples < len(examples):
+        examples = random.Random(settings.seed).sample(examples, settings.max_examples)
+    return examples
+
+
+def _budget_name(example: dict[str, Any]) -> str:
+    budget = example.get("truncated_tokens")
+    return "full" if budget is None else str(budget)
+
+
+def parse_train_budgets(spec: str | None) -> tuple[str, ...] | None:
+    """``"full,64,128"`` -> ("full", "64", "128"); None or "all" -> None (every budget)."""
+    if spec is None or spec.strip().lower() in ("", "all"):
+        return None
+    names = [p.strip().lower() for p in spec.split(",") if p.strip()]
+    for name in names:
+        if name != "full" and not (name.isdigit() and int(name) > 0):
+            raise UserError(
+                f"--budgets takes 'full' and positive token counts, e.g. full,64,128 (got {spec!r})"
+            )
+    return tuple(dict.fromkeys(names))
 
 
 def _heldout_line(stats: dict[str, Any], which: str, log: Any) -> dict[str, Any]:
