@@ -176,6 +176,7 @@ class ProgressBackend:
         self._start: str | None = None
         self._texts: list[str] = []
         self._tokens: list[int] = []
+        self._evals: list[int] = []
         self._rounds = 0
         self._scored = False
         self._best: float | None = None
@@ -206,6 +207,7 @@ class ProgressBackend:
                 self._report(f"round {self._rounds}: sampling …")
             self._texts.append(text)
             self._tokens.append(0)
+            self._evals.append(0)
             return len(self._texts) - 1
 
     def _stopped(self, number: int, text: str, meta: dict) -> None:
@@ -229,7 +231,10 @@ class ProgressBackend:
         with self._lock:
             self._scored = True
             self._best = score if self._best is None else max(self._best, score)
+            # The sample whose text the evaluation extends; of identical texts, the least evaluated.
             matches = [i for i, t in enumerate(self._texts) if text.startswith(t)]
-            number = max(matches, key=lambda i: len(self._texts[i]), default=None)
+            number = max(matches, key=lambda i: (len(self._texts[i]), -self._evals[i], i), default=None)
+            if number is not None:
+                self._evals[number] += 1
             who = f"sample {number + 1}" if number is not None else "a sample"
             self._report(f"  {who}: score {score:.3f} (best so far {self._best:.3f})")

@@ -190,3 +190,19 @@ def test_read_prompt_in_the_api(tmp_path):
     assert read_prompt(path) == read_prompt(str(path)) == "What is 2 + 3?"
     with pytest.raises(UserError, match="cannot read"):
         read_prompt(tmp_path / "missing.txt")
+
+
+def test_progress_in_the_api_names_each_sample_once(backend):
+    from sgl_adaptive import run
+
+    lines: list[str] = []
+    # Temperature 0: both samples are the same text, yet each evaluation is reported for its own sample.
+    run("What is 2 + 3?", backend, "adaptive", n=2, temperature=0.0, threshold=1.0, progress=lines.append)
+    assert [line.split(":")[0].strip() for line in lines] == [
+        "round 1",
+        "sample 1",
+        "sample 1",
+        "round 2",
+        "sample 2",
+        "sample 2",
+    ], lines
