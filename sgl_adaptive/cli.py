@@ -47,7 +47,9 @@ def run_command(
     ctx: typer.Context,
     prompt: Annotated[
         str | None,
-        typer.Argument(help="The user prompt; - reads it from standard input.", show_default=False),
+        typer.Argument(
+            help="The user prompt; - reads it from standard input.", metavar="PROMPT", show_default=False
+        ),
     ] = None,
     prompt_file: Annotated[
         str | None, typer.Option(help="Read the prompt from this UTF-8 file instead (- : standard input).")
