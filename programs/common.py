@@ -22,6 +22,21 @@ from sgl_adaptive.selfeval import SelfEvalConfig, score_from_meta_info
 
 EVAL_VAR = "selfeval"
 
+NEUTRAL_SAMPLING: dict[str, Any] = {
+    "top_k": -1,
+    "min_p": 0.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "min_tokens": 0,
+    "ignore_eos": False,
+}
+"""The sampling fields every ``sgl.gen`` of the programs sets besides temperature and top-p: sampling is
+plain temperature / nucleus sampling, nothing else. Sent explicitly, because an SGLang server fills the
+fields a request leaves unset from its defaults (``--sampling-defaults model``, the default, reads the
+model's generation_config.json: top_k 20 and repetition_penalty 1.05 for the official Qwen2.5-Instruct),
+and a caller's ``program.run(top_k=...)`` would otherwise leak into every request. ``top_k = -1`` is
+SGLang's "off". (``repetition_penalty``, which ``sgl.gen`` cannot pass, is added by ``SGLangEndpoint``.)"""
+
 
 class ProgramRun:
     """One program execution: its cost meter and every fork it opened (closed on exit, even on error,
@@ -78,7 +93,11 @@ class Sample:
     def extend(self, max_tokens: int, config: MethodConfig) -> None:
         """Queue the generation of up to ``max_tokens`` more tokens (asynchronous)."""
         self.state += sgl.gen(
-            f"part{self.parts}", max_tokens=max_tokens, temperature=self.temperature, top_p=config.top_p
+            f"part{self.parts}",
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=config.top_p,
+            **NEUTRAL_SAMPLING,
         )
         self.parts += 1
 
@@ -130,7 +149,7 @@ def open_prompt(run: ProgramRun, s: Any, prompt: str) -> None:
     (``fork(n)`` would cache the prompt anyway, through ``commit_lazy_operations``, but that request
     bypasses the programs and so the cost meter; after this one it is a full cache hit.)"""
     s += sgl.user(prompt)
-    s += sgl.gen(PROMPT_VAR, max_tokens=0)
+    s += sgl.gen(PROMPT_VAR, max_tokens=0, temperature=0.0, top_p=1.0, **NEUTRAL_SAMPLING)
     meta = s.get_meta_info(PROMPT_VAR)
     if meta is None:
         raise_fork_error(s, "the prompt prefill")
@@ -176,6 +195,8 @@ def ask_selfeval(state: Any, config: SelfEvalConfig) -> None:
         EVAL_VAR,
         max_tokens=1,
         temperature=0.0,
+        top_p=1.0,
+        **NEUTRAL_SAMPLING,
         return_logprob=True,
         top_logprobs_num=config.top_logprobs_num,
         return_text_in_logprobs=True,

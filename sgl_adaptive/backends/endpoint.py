@@ -1,10 +1,11 @@
 """A real SGLang server, through the frontend's ``RuntimeEndpoint``.
 
-The subclass changes three things: (1) each logprob request also asks for the exact log
+The subclass changes four things: (1) each logprob request also asks for the exact log
 probabilities of the self-evaluation answer tokens (``token_ids_logprob``, which ``sgl.gen``
 cannot pass), (2) the chat template is derived from the served model's own tokenizer when it is
-readable here (SGLang's frontend otherwise guesses by model path), and (3) connection and server
-errors become one-line ``BackendUnavailableError``s.
+readable here (SGLang's frontend otherwise guesses by model path), (3) every request states the
+sampling fields the server would otherwise fill from its defaults (``NEUTRAL_SAMPLING``), and (4)
+connection and server errors become one-line ``BackendUnavailableError``s.
 """
 
 from __future__ import annotations
@@ -28,6 +29,19 @@ from sgl_adaptive.errors import BackendUnavailableError
 from sgl_adaptive.selfeval import SelfEvalConfig, answer_token_ids
 
 _LOGPROB_FIELDS = ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")
+
+NEUTRAL_SAMPLING: dict[str, Any] = {
+    "top_k": -1,
+    "min_p": 0.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "repetition_penalty": 1.0,
+}
+"""Sampling fields every request carries, "off" unless the frontend set them (it sets all but
+``repetition_penalty``, which ``sgl.gen`` has no argument for). SGLang fills the fields a request leaves
+out from its defaults, and by default (``--sampling-defaults model``) those come from the model's
+generation_config.json: the official Qwen2.5-Instruct has top_k 20, top_p 0.8 and repetition_penalty
+1.05. The programs draw plain temperature / nucleus samples, so nothing may be filled in."""
 
 
 class SGLangEndpoint(RuntimeEndpoint):
@@ -73,7 +87,8 @@ class SGLangEndpoint(RuntimeEndpoint):
             "sampling_params": {
                 "skip_special_tokens": global_config.skip_special_tokens_in_output,
                 "spaces_between_special_tokens": global_config.spaces_between_special_tokens_in_out,
-                **sampling_params.to_srt_kwargs(),
+                **NEUTRAL_SAMPLING,
+                **{k: v for k, v in sampling_params.to_srt_kwargs().items() if v is not None},
             },
         }
         for name in _LOGPROB_FIELDS:
