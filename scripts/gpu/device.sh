@@ -13,7 +13,8 @@
 #
 # Steps
 #   setup         install the SGLang carry (.carry/g1) and .carry/w (wheels, prompts, seed samples); record
-#                 the device in device.txt; start the stage clock (STAGE_S seconds for all later steps)
+#                 the device in device.txt; start the stage clock (STAGE_S seconds for all later steps);
+#                 start building the flashinfer norm JIT in the background (WARM_JIT=1)
 #   chunk         nothing more (for the calls that only bring a model chunk)
 #   model         assemble and check the GGUF, convert it once to $BASE (bf16 Hugging Face folder)
 #   train-prep    relabel the seed samples into $WORK/data (no sampling), then the attention check
@@ -228,6 +229,7 @@ start_server() {  # MODEL: serve it (reusing a healthy server of the same model)
     sleep 1
   done
   cp "$SERVER_LOG" "$OUT/server.log" 2>/dev/null
+  [ -f "$STATE/jit-warm.log" ] && { log "background JIT warm-up:"; cat "$STATE/jit-warm.log"; }
   "$PY" "$HERE/tools.py" server-timeline "$SERVER_LOG" "$LAUNCHED" "${t_ok:-never}" "$OUT/server-start.tsv"
   [ -f "$model/generation_config.json" ] && cp "$model/generation_config.json" "$OUT/generation_config.json"
   [ -n "$t_ok" ] || return 1
@@ -280,9 +282,16 @@ PY
   } > "$OUT/device.txt"
   cat "$OUT/device.txt"
   "$PY" -c "import sgl_adaptive.programs, sgl_adaptive.finetune.train, math_verify" || return 1
+  warm_jit
 }
 
 step_chunk() { return 0; }
+
+warm_jit() {  # build the flashinfer norm JIT in the background while the chunks travel (setsid: outlives the call)
+  [ "$SERVER" = sglang ] && [ "${WARM_JIT:-1}" = 1 ] && command -v nvidia-smi > /dev/null || return 0
+  setsid "$PY" "$HERE/tools.py" warm-jit < /dev/null > "$STATE/jit-warm.log" 2>&1 &
+  log "flashinfer norm JIT warming in the background (log $STATE/jit-warm.log)"
+}
 
 step_model() {
   if [ -f "$BASE/config.json" ]; then log "model ready at $BASE"; return 0; fi

@@ -1,9 +1,11 @@
-"""Small helpers of the GPU stages (standard library only; run by ``device.sh`` and ``land.sh``).
+"""Small helpers of the GPU stages (standard library, except seed-check and warm-jit; run by ``device.sh``
+and ``land.sh``).
 
 python3 scripts/gpu/tools.py server-timeline LOG LAUNCH_EPOCH HEALTHY_EPOCH OUT.tsv
 python3 scripts/gpu/tools.py distinct-scores POOLS.jsonl OUT.json [--fp32-lm-head yes|no|unknown]
 python3 scripts/gpu/tools.py seed-check SAMPLES.jsonl[.gz] PROMPTS.jsonl     (needs sgl_adaptive importable)
 python3 scripts/gpu/tools.py sanitize-manifest IN.json OUT.json [REFERENCE.json]
+python3 scripts/gpu/tools.py warm-jit [--hidden 896]                            (on the GPU, needs torch)
 """
 
 from __future__ import annotations
@@ -156,6 +158,55 @@ def sanitize_manifest(src: Path, dst: Path, reference: Path | None = None) -> di
     return manifest
 
 
+def warm_jit(hidden: int = 896) -> int:
+    """Run the RMSNorm kernels the server's first forward pass needs, so their JIT build (flashinfer's,
+    through sgl_kernel on 0.5.17) happens now, in the background of the chunk transfers, and lands in
+    the JIT cache. Each kernel is tried on its own; a failure is printed, never raised."""
+    import time
+
+    start = time.time()
+    import torch
+
+    try:
+        x = torch.randn(8, hidden, device="cuda", dtype=torch.bfloat16)
+        w = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
+    except Exception as exc:
+        print(f"no GPU: {type(exc).__name__}: {str(exc)[:200]}")
+        return 0
+    calls = []
+    try:
+        import sgl_kernel
+
+        calls += [("sgl_kernel.rmsnorm", lambda: sgl_kernel.rmsnorm(x, w, 1e-6))]
+        calls += [
+            (
+                "sgl_kernel.fused_add_rmsnorm",
+                lambda: sgl_kernel.fused_add_rmsnorm(x.clone(), x.clone(), w, 1e-6),
+            )
+        ]
+    except Exception as exc:
+        print("no sgl_kernel:", exc)
+    try:
+        import flashinfer.norm as fn
+
+        calls += [("flashinfer.norm.rmsnorm", lambda: fn.rmsnorm(x, w, 1e-6))]
+        calls += [
+            ("flashinfer.norm.fused_add_rmsnorm", lambda: fn.fused_add_rmsnorm(x.clone(), x.clone(), w, 1e-6))
+        ]
+    except Exception as exc:
+        print("no flashinfer:", exc)
+    for name, call in calls:
+        t = time.time()
+        try:
+            call()
+            torch.cuda.synchronize()
+            print(f"{name}: ok in {time.time() - t:.1f} s", flush=True)
+        except Exception as exc:
+            print(f"{name}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+    print(f"warm-jit done in {time.time() - start:.1f} s", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -173,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("seed-check")
     p.add_argument("samples", type=Path)
     p.add_argument("prompts", type=Path)
+    p = sub.add_parser("warm-jit")
+    p.add_argument("--hidden", type=int, default=896)
     p = sub.add_parser("sanitize-manifest")
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
@@ -193,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "seed-check":
         return seed_check(args.samples, args.prompts)
+    if args.cmd == "warm-jit":
+        return warm_jit(args.hidden)
     if args.cmd == "sanitize-manifest":
         sanitize_manifest(args.src, args.dst, args.reference)
         return 0
