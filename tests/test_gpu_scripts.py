@@ -152,6 +152,21 @@ def test_distinct_scores_per_question(tmp_path):
     assert report["samples_per_question"] == {3: 2}
 
 
+def test_jsonl_lines_split_on_newlines_only(tmp_path):
+    text = "line one\u2028still one\x85and\x0cone"  # str.splitlines() would cut these
+    for name, opener in (("s.jsonl", open), ("s.jsonl.gz", gzip.open)):
+        with opener(tmp_path / name, "wt", encoding="utf-8") as f:
+            f.write(
+                json.dumps({"id": "a", "t": text}, ensure_ascii=False) + "\n" + json.dumps({"id": "b"}) + "\n"
+            )
+        rows = [json.loads(x) for x in tools._read_lines(tmp_path / name)]
+        assert [r["id"] for r in rows] == ["a", "b"] and rows[0]["t"] == text
+    pools = tmp_path / "pools.jsonl"
+    cands = [{"text": text, "scores": [[9, 0.5]]}, {"text": "x", "scores": [[9, 0.25]]}]
+    pools.write_text(json.dumps({"key": "q:pool:p", "candidates": cands}, ensure_ascii=False) + "\n")
+    assert tools.distinct_scores(pools)["final"]["histogram"] == {"2": 1}
+
+
 def test_sanitize_manifest_replaces_device_paths(tmp_path):
     src, ref, dst = tmp_path / "m.json", tmp_path / "ref.json", tmp_path / "out.json"
     src.write_text(

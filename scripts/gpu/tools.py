@@ -37,7 +37,7 @@ MILESTONES: tuple[tuple[str, str], ...] = (
 def _stamped(path: Path) -> list[tuple[float, str]]:
     """Lines ``EPOCH.frac text`` (as device.sh's stamper writes them); unstamped lines are skipped."""
     out = []
-    for raw in path.read_text(errors="replace").splitlines():
+    for raw in path.read_text(errors="replace").split("\n"):
         head, _, text = raw.partition(" ")
         try:
             out.append((float(head.replace(",", ".")), text))
@@ -71,7 +71,7 @@ def distinct_scores(pools: Path, fp32_lm_head: str = "unknown") -> dict[str, Any
     final: list[int] = []
     by_budget: dict[int, list[int]] = {}
     n_samples: Counter[int] = Counter()
-    for line in pools.read_text().splitlines():
+    for line in pools.read_text().split("\n"):
         try:
             rec = json.loads(line)
         except ValueError:
@@ -110,8 +110,9 @@ def distinct_scores(pools: Path, fp32_lm_head: str = "unknown") -> dict[str, Any
 
 def _read_lines(path: Path) -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:  # type: ignore[operator]
-        return [line for line in handle.read().splitlines() if line.strip()]
+    # split on "\n" only: the model's texts hold U+2028 and the like, which str.splitlines() also splits on
+    with opener(path, "rt", encoding="utf-8", newline="") as handle:  # type: ignore[operator]
+        return [line for line in handle.read().split("\n") if line.strip()]
 
 
 def seed_check(samples: Path, prompts: Path) -> int:
