@@ -3,8 +3,8 @@
 #
 #   bash scripts/gpu/device.sh STEP [STEP ...]      (in a device call; the call runs in the repo root)
 #
-# Every invocation first moves the carried model chunks (.carry/m*) to /tmp/model-chunks, keeps a carried
-# adapter (.carry/adapter/adapter.tgz), unpacks a carried JIT cache (.carry/jit/*.tar.xz, once per machine)
+# Every invocation first moves the carried model chunks (.carry/m*) to $CHUNKS, keeps a carried adapter
+# (.carry/adapter/adapter.tgz), unpacks a carried JIT cache (.carry/jit/*.tar.xz, once per machine)
 # and lays the package out in $PKG from the working tree (programs/ and bench/ become
 # sgl_adaptive.programs / .bench, as pip would install them). Then it runs the
 # steps in order and stops at the first that fails. Everything it prints also goes to $OUT/log.txt, each
@@ -31,7 +31,7 @@
 #
 # Environment (defaults are the device's; the CPU tests override them):
 #   OUT (/tmp/gpu-out)  WORK (/tmp/work)  BASE (/tmp/qwen05b)  DATA (/tmp/data: prompts, seed samples)
-#   PY (python3)  PKG (/tmp/sgla)  SITE (/tmp/site)  PYTHONPATH (default $PKG:$SITE; set it, even empty, to keep it)
+#   CHUNKS (/tmp/model-chunks)  PY (python3)  PKG (/tmp/sgla)  SITE (/tmp/site)  PYTHONPATH (default $PKG:$SITE; set it, even empty, to keep it)
 #   DEVICE (cuda)  SERVER (sglang | inprocess: `sgl-adaptive serve`, for CPU tests)  PORT (30000)
 #   STAGE_S (650: the stage's deadline, counted from setup)  CALL_S (570: this call's deadline)
 #   SEED_SAMPLES (data/selfeval-gsm8k-h200/samples.jsonl.gz in the repo, else $DATA/seed-samples.jsonl.gz)
@@ -49,7 +49,7 @@ cd "$ROOT" || exit 2
 HERE=$ROOT/scripts/gpu
 
 OUT=${OUT:-/tmp/gpu-out}; WORK=${WORK:-/tmp/work}; BASE=${BASE:-/tmp/qwen05b}; DATA=${DATA:-/tmp/data}
-PY=${PY:-python3}; PKG=${PKG:-/tmp/sgla}; SITE=${SITE:-/tmp/site}
+PY=${PY:-python3}; PKG=${PKG:-/tmp/sgla}; SITE=${SITE:-/tmp/site}; CHUNKS=${CHUNKS:-/tmp/model-chunks}
 DEVICE=${DEVICE:-cuda}; SERVER=${SERVER:-sglang}; PORT=${PORT:-30000}; ENDPOINT=http://127.0.0.1:$PORT
 STAGE_S=${STAGE_S:-650}; CALL_S=${CALL_S:-570}
 PROMPTS=${PROMPTS:-$DATA/gsm8k-train.jsonl}
@@ -93,12 +93,12 @@ cap() {
 
 # ---- on every invocation -----------------------------------------------------------------------------------
 collect_chunks() {
-  mkdir -p /tmp/model-chunks
+  mkdir -p "$CHUNKS"
   local d
-  for d in .carry/m[0-9]*; do [ -d "$d" ] && find "$d" -type f -exec mv -f {} /tmp/model-chunks/ \; ; done
+  for d in .carry/m[0-9]*; do [ -d "$d" ] && find "$d" -type f -exec mv -f {} "$CHUNKS"/ \; ; done
   # an adapter carried in an earlier call of this stage (bench-serve reads it from $STATE)
   [ -f .carry/adapter/adapter.tgz ] && cp .carry/adapter/adapter.tgz "$STATE/adapter.tgz" && log "carried adapter.tgz kept"
-  local have; have=$(find /tmp/model-chunks -name 'chunk*' | wc -l)
+  local have; have=$(find "$CHUNKS" -type f -name 'chunk*' | wc -l)
   [ "$have" -gt 0 ] && log "model chunks present: $have"
   return 0
 }
@@ -296,21 +296,23 @@ warm_jit() {  # build the flashinfer norm JIT in the background while the chunks
 step_model() {
   if [ -f "$BASE/config.json" ]; then log "model ready at $BASE"; return 0; fi
   local have want sha
-  have=$(find /tmp/model-chunks -name 'chunk*' | wc -l)
-  want=$(find /tmp/model-chunks -name 'chunk*' | head -1 | sed -E 's/.*-of-0*([0-9]+)$/\1/')
+  have=$(find "$CHUNKS" -type f -name 'chunk*' | wc -l)
+  want=$(find "$CHUNKS" -type f -name 'chunk*' | head -1 | sed -E 's/.*-of-0*([0-9]+)$/\1/')
   [ -n "$want" ] && [ "$have" = "$want" ] || { log "missing model chunks ($have of ${want:-?})"; return 1; }
-  find /tmp/model-chunks -name 'chunk*' | sort | xargs cat > /tmp/model.gguf
-  sha=$(sha256sum /tmp/model.gguf | cut -d' ' -f1)
-  [ "$sha" = "$(cat /tmp/model-chunks/MODEL.sha256)" ] || { log "sha256 mismatch $sha"; return 1; }
+  local gguf=${GGUF:-/tmp/model.gguf}
+  find "$CHUNKS" -type f -name 'chunk*' | sort | xargs cat > "$gguf"
+  sha=$(sha256sum "$gguf" | cut -d' ' -f1)
+  [ "$sha" = "$(cat "$CHUNKS/MODEL.sha256")" ] || { log "sha256 mismatch $sha"; return 1; }
   rm -rf "$BASE.tmp"
-  timeout "$(cap 120)" "$PY" - "$BASE.tmp" <<'PY' || return 1
-import sys, torch
+  timeout "$(cap 120)" "$PY" - "$BASE.tmp" "$gguf" <<'PY' || return 1
+import os, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained("/tmp", gguf_file="model.gguf")
-model = AutoModelForCausalLM.from_pretrained("/tmp", gguf_file="model.gguf", dtype=torch.bfloat16)
+where, name = os.path.split(sys.argv[2])
+tok = AutoTokenizer.from_pretrained(where, gguf_file=name)
+model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.bfloat16)
 model.save_pretrained(sys.argv[1]); tok.save_pretrained(sys.argv[1]); print("converted to", sys.argv[1])
 PY
-  mv "$BASE.tmp" "$BASE" && rm -f /tmp/model.gguf
+  mv "$BASE.tmp" "$BASE" && rm -f "$gguf"
 }
 
 relabel_only() {  # SAMPLES_FILE DIR: train/heldout.jsonl from existing samples, nothing sampled
