@@ -228,8 +228,17 @@ def test_serve_then_data_grows_the_seed_samples(tmp_path, tiny_model_dir):
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["counts"]["prompts"] == 2 and manifest["last_run"]["sampled"] == 2
         assert manifest["generation"]["sampling"]["seed"] == 0
-        start = (out / "server-start.tsv").read_text()
-        assert "healthy" in start and "never" not in start
+        start = {
+            r.split("\t")[0]: r.split("\t")[1]
+            for r in (out / "server-start.tsv").read_text().split("\n")[1:]
+            if r
+        }
+        assert float(start["healthy"]) > 0
+        assert (
+            float(start["ready (healthy + first request)"])
+            >= float(start["first /generate after healthy"])
+            >= 0
+        )
         timeline = (out / "timeline.tsv").read_text().splitlines()
         assert [x.split("\t")[0] for x in timeline] == ["serve", "data"]
         # A second stage resumes from those samples: the server is reused, the first two lines stay.

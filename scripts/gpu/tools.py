@@ -5,6 +5,7 @@ python3 scripts/gpu/tools.py server-timeline LOG LAUNCH_EPOCH HEALTHY_EPOCH OUT.
 python3 scripts/gpu/tools.py distinct-scores POOLS.jsonl OUT.json [--fp32-lm-head yes|no|unknown]
 python3 scripts/gpu/tools.py seed-check SAMPLES.jsonl[.gz] PROMPTS.jsonl     (needs sgl_adaptive importable)
 python3 scripts/gpu/tools.py sanitize-manifest IN.json OUT.json [REFERENCE.json]
+python3 scripts/gpu/tools.py first-request URL [--timeout 300]
 python3 scripts/gpu/tools.py warm-jit [--hidden 896]                            (on the GPU, needs torch)
 """
 
@@ -159,6 +160,25 @@ def sanitize_manifest(src: Path, dst: Path, reference: Path | None = None) -> di
     return manifest
 
 
+def first_request(url: str, timeout: float = 300.0) -> float:
+    """Seconds one 4-token greedy /generate takes right after /health first answered. With
+    --skip-server-warmup (and no CUDA graphs) the kernels' JIT builds move from the start into this first
+    request, so the start is only honest with it counted."""
+    import time
+    import urllib.request
+
+    body = {"text": "Hello", "sampling_params": {"max_new_tokens": 4, "temperature": 0.0}}
+    req = urllib.request.Request(
+        url.rstrip("/") + "/generate",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    start = time.time()
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        resp.read()
+    return time.time() - start
+
+
 def warm_jit(hidden: int = 896) -> int:
     """Run the RMSNorm kernels the server's first forward pass needs, so their JIT build (flashinfer's,
     through sgl_kernel on 0.5.17) happens now, in the background of the chunk transfers, and lands in
@@ -225,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("seed-check")
     p.add_argument("samples", type=Path)
     p.add_argument("prompts", type=Path)
+    p = sub.add_parser("first-request")
+    p.add_argument("url")
+    p.add_argument("--timeout", type=float, default=300.0)
     p = sub.add_parser("warm-jit")
     p.add_argument("--hidden", type=int, default=896)
     p = sub.add_parser("sanitize-manifest")
@@ -247,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "seed-check":
         return seed_check(args.samples, args.prompts)
+    if args.cmd == "first-request":
+        try:
+            print(f"{first_request(args.url, args.timeout):.1f}")
+        except Exception as exc:
+            print(f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+            return 1
+        return 0
     if args.cmd == "warm-jit":
         return warm_jit(args.hidden)
     if args.cmd == "sanitize-manifest":
