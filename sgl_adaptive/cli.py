@@ -159,31 +159,82 @@ def serve_command(
     model: Annotated[
         str | None, typer.Option(help="HF model dir, GGUF file or hub name (default: embedded).")
     ] = None,
+    endpoint: Annotated[
+        str | None, typer.Option(help="URL of a running SGLang server or sglang-router to serve in front of.")
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 30000,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="The model id clients name (default: the model path).")
+    ] = None,
+    max_concurrency: Annotated[int, typer.Option(help="Requests whose method runs at once.")] = 4,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting for a slot; beyond them: HTTP 429.")] = 16,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds a request may take, queue included (then HTTP 504).")
+    ] = 600.0,
+    max_samples: Annotated[int, typer.Option(help="The largest sample budget a request may ask for.")] = 64,
+    seed: Annotated[int, typer.Option(help="Sampling seed of the in-process backend.")] = 0,
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
 ) -> None:
-    """Serve the in-process backend over SGLang's HTTP API (for machines that cannot run the SGLang server)."""
-    import time
+    """Serve adaptive Best-of-N behind an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health).
+
+    With the in-process backend (--model, or neither option) the same port also answers SGLang's native
+    API (/generate, /get_model_info, ...), so `--endpoint` clients work too. SIGTERM or Ctrl-C drains:
+    new requests get 503 while those in flight finish."""
+    import signal
+    import threading
+
+    from sgl_adaptive.openai_api.server import ServerOptions, serve_openai
 
     try:
-        check_dtype(dtype)
-        check_device(device)
-        with err.status("loading the model …"):
-            backend = load_backend(model, None, seed=seed, device=device, dtype=dtype, console=err)
-        from sgl_adaptive.backends.http_server import serve
+        options = ServerOptions(max_concurrency, max_queue, request_timeout)
+        if max_samples < 1:
+            raise UserError(f"--max-samples must be at least 1 (got {max_samples})")
+        if model and endpoint:
+            raise UserError("give either --model or --endpoint, not both")
+        if not endpoint:
+            check_dtype(dtype)
+            check_device(device)
+        with err.status("loading the model …" if not endpoint else f"connecting to {endpoint} …"):
+            backend = load_backend(model, endpoint, seed=seed, device=device, dtype=dtype, console=err)
+        native = None
+        if not endpoint:
+            from sgl_adaptive.backends.http_server import serve
 
-        server = serve(backend, host, port)
+            native = serve(backend, "127.0.0.1", 0)
+        native_url = f"http://127.0.0.1:{native.server_address[1]}" if native else None
+        server = serve_openai(
+            backend,
+            host,
+            port,
+            model=served_model_name,
+            options=options,
+            max_samples=max_samples,
+            native_url=native_url,
+        )
     except (UserError, OSError) as exc:
         raise fail(str(exc)) from None
-    err.print(f"serving {backend.model_path} on http://{host}:{server.server_address[1]} (Ctrl-C stops)")
+    native_note = "; SGLang's native API (/generate …) on the same port" if native else ""
+    err.print(
+        f"serving {server.limits.model} on http://{host}:{server.server_address[1]}: OpenAI API at /v1"
+        f"{native_note} (Ctrl-C or SIGTERM stops)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        while True:
-            time.sleep(3600)
+        while not stop.wait(0.5):
+            pass
     except KeyboardInterrupt:
-        server.shutdown()
+        pass
+    err.print("stopping: finishing the requests in flight …", highlight=False, soft_wrap=True)
+    drained = server.stop()
+    if native is not None:
+        native.shutdown()
+    if not drained:
+        raise fail("stopped before every request in flight had finished (--request-timeout passed)", 1)
 
 
 _add_subcommands()

@@ -1,0 +1,312 @@
+"""The OpenAI chat-completions protocol: a request body checked into a ``ChatRequest``, and a ``Result``
+turned into a completion, its stream chunks and OpenAI-shaped errors. No HTTP, no backend."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from sgl_adaptive.config import KNOBS, METHOD_OPTIONS, METHODS, MethodConfig
+from sgl_adaptive.errors import UserError
+from sgl_adaptive.result import Result
+
+_RENAMED = {"samples": "n", "max_tokens": "max_new_tokens"}
+"""Request fields named otherwise in ``MethodConfig``. OpenAI's ``n`` is the number of choices (only 1 is
+served), so the sample budget is ``samples``; ``max_tokens`` is OpenAI's name for the token budget."""
+if "stop" in KNOBS:  # OpenAI's `stop` means stop sequences: the adaptive stop rule is `stop_rule`
+    _RENAMED["stop_rule"] = "stop"
+KNOB_FIELDS: dict[str, str] = {
+    **_RENAMED,
+    "seed": "seed",
+    **{knob: knob for knob in sorted(KNOBS) if knob not in _RENAMED.values()},
+}
+"""Request field -> ``MethodConfig`` field: every knob a method reads (so a knob added to ``MethodConfig``
+and ``METHOD_OPTIONS`` is a request field too), the token budget and the seed."""
+_KNOB_TYPES: dict[str, type] = {
+    api: type(f.default) for f in fields(MethodConfig) for api, knob in KNOB_FIELDS.items() if f.name == knob
+}
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "logprobs": (False,),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "parallel_tool_calls": (True, False),
+}
+"""Standard fields accepted only at values that change nothing; any other value is refused."""
+_IGNORED = {"user", "metadata", "store"}
+"""Standard fields with no effect on the answer."""
+_CLI_NAMES = {"--" + cfg.replace("_", "-"): api for api, cfg in KNOB_FIELDS.items()}
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
+
+    def __init__(
+        self, status: int, message: str, *, type: str, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, type="invalid_request_error", param=param, code=code)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What a client may ask for, and the defaults it gets."""
+
+    model: str
+    """The one model id served (``/v1/models``); a request naming another is a 404."""
+    default_method: str = "adaptive"
+    max_samples: int = 64
+    max_tokens: int = 4096
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A checked chat-completion request."""
+
+    prompt: str
+    method: str
+    config: MethodConfig
+    stream: bool = False
+    include_usage: bool = False
+    return_candidates: bool = False
+    given: dict[str, Any] = field(default_factory=dict)
+    """The knobs the client set, by request field name (for the log line)."""
+
+
+def parse_chat_request(body: Any, limits: ServerLimits) -> ChatRequest:
+    """Check a ``/v1/chat/completions`` body; raise ``ApiError`` (400, or 404 for an unknown model)."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", code="invalid_json")
+    body = {k: v for k, v in body.items() if v is not None}  # null is "not given"
+    known = {
+        "model",
+        "messages",
+        "method",
+        "stream",
+        "stream_options",
+        "return_candidates",
+        "max_completion_tokens",
+    }
+    for name in sorted(body.keys() - known - KNOB_FIELDS.keys() - _NEUTRAL.keys() - _IGNORED):
+        hint = {"best_of": " (the sample budget is `samples`)", "stop": " (stop sequences are not supported)"}
+        hint = hint.get(name, "")
+        raise bad_request(f"unsupported field {name!r}{hint}", name, "unsupported_parameter")
+    for name, allowed in _NEUTRAL.items():
+        if name in body and (
+            isinstance(body[name], bool) != isinstance(allowed[0], bool) or body[name] not in allowed
+        ):
+            hint = "; the sample budget is the `samples` field" if name == "n" else ""
+            raise bad_request(
+                f"{name}={body[name]!r} is not supported (accepted: {', '.join(map(repr, allowed))}){hint}",
+                name,
+                "unsupported_parameter",
+            )
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request(
+            "`model` is required (a string; see GET /v1/models)", "model", "missing_required_parameter"
+        )
+    if model != limits.model:
+        raise ApiError(
+            404,
+            f"the model {model!r} does not exist; this server serves {limits.model!r}",
+            type="invalid_request_error",
+            param="model",
+            code="model_not_found",
+        )
+    prompt = _prompt(body.get("messages"))
+    method = body.get("method", limits.default_method)
+    if method not in METHODS:
+        raise bad_request(f"unknown method {method!r}; choose one of {', '.join(METHODS)}", "method")
+    if "max_completion_tokens" in body:
+        if "max_tokens" in body:
+            raise bad_request("give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
+        body["max_tokens"] = body.pop("max_completion_tokens")
+    given = {name: _typed(name, body[name]) for name in KNOB_FIELDS if name in body}
+    _check_used(method, given)
+    if given.get("samples", 1) > limits.max_samples:
+        raise bad_request(f"samples must be at most {limits.max_samples} on this server", "samples")
+    if given.get("max_tokens", 1) > limits.max_tokens:
+        raise bad_request(f"max_tokens must be at most {limits.max_tokens} on this server", "max_tokens")
+    knobs = {KNOB_FIELDS[name]: value for name, value in given.items()}
+    knobs.setdefault("seed", None)  # no seed: no reseeding of a backend that other requests share
+    try:
+        config = MethodConfig(**knobs)
+        config.check_for(method)
+    except UserError as exc:
+        raise _config_error(str(exc)) from None
+    stream = _flag(body, "stream")
+    options = body.get("stream_options", {})
+    if not isinstance(options, dict) or options.keys() - {"include_usage"}:
+        raise bad_request("stream_options may only hold include_usage", "stream_options")
+    if options and not stream:
+        raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+    return ChatRequest(
+        prompt=prompt,
+        method=method,
+        config=config,
+        stream=stream,
+        include_usage=_flag(options, "include_usage"),
+        return_candidates=_flag(body, "return_candidates"),
+        given=given,
+    )
+
+
+def _prompt(messages: Any) -> str:
+    """The text of the one user message. A system message, earlier turns and non-text parts are refused:
+    the programs render a single user turn (with the chat template's default system prompt)."""
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("`messages` must be a non-empty list", "messages", "missing_required_parameter")
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+    if roles != ["user"]:
+        raise bad_request(
+            f"exactly one message with role 'user' is supported (got roles {roles}); system messages "
+            "and multi-turn conversations are not",
+            "messages",
+            "unsupported_messages",
+        )
+    content = messages[0].get("content")
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise bad_request("only text content parts are supported", "messages", "unsupported_messages")
+            parts.append(part["text"])
+        content = "".join(parts)
+    if not isinstance(content, str) or not content.strip():
+        raise bad_request("the user message is empty", "messages")
+    return content
+
+
+def _typed(name: str, value: Any) -> Any:
+    """``value`` checked against the type of the knob's default (an int may stand for a float)."""
+    kind = _KNOB_TYPES.get(name, object)
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise bad_request(f"{name} must be an integer (got {value!r})", name, "invalid_type")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise bad_request(f"{name} must be a number (got {value!r})", name, "invalid_type")
+    if kind is str and not isinstance(value, str):
+        raise bad_request(f"{name} must be a string (got {value!r})", name, "invalid_type")
+    return float(value) if kind is float else value
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise bad_request(f"{name} must be true or false (got {value!r})", name, "invalid_type")
+    return value
+
+
+def _check_used(method: str, given: dict[str, Any]) -> None:
+    """A knob the method does not read is refused, as on the command line (``seed`` and ``max_tokens``
+    are read by every method)."""
+    for name in sorted(given):
+        knob = KNOB_FIELDS[name]
+        if knob in ("seed", "max_new_tokens") or knob in METHOD_OPTIONS[method]:
+            continue
+        users = [m for m in METHODS if knob in METHOD_OPTIONS[m]]
+        raise bad_request(f"{name} is not used by method {method} (only by {', '.join(users)})", name)
+
+
+def _config_error(message: str) -> ApiError:
+    """A ``MethodConfig`` error, with its command-line option names turned into request fields."""
+    params = [_CLI_NAMES[m] for m in re.findall(r"--[a-z-]+", message) if m in _CLI_NAMES]
+    message = re.sub(r"--[a-z-]+", lambda m: _CLI_NAMES.get(m.group(0), m.group(0)), message)
+    return bad_request(message, params[0] if params else None)
+
+
+# ---- responses ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request: the method's ``Result`` and the prompt's token count."""
+
+    request: ChatRequest
+    result: Result
+    prompt_tokens: int
+    model: str
+    id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def finish_reason(self) -> str:
+        return "stop" if self.result.candidates[self.result.best].finished else "length"
+
+    def usage(self) -> dict[str, int]:
+        """OpenAI usage: the prompt once, and every token generated for every sample (not only the answer)."""
+        completion = self.result.costs.generated_tokens
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+    def extension(self) -> dict[str, Any]:
+        """The ``sgl_adaptive`` object: the cost record, and the candidates when asked for."""
+        record = self.result.to_dict()
+        record.pop("answer")
+        candidates = record.pop("candidates")
+        record["answer_tokens"] = self.result.candidates[self.result.best].tokens
+        if self.request.return_candidates:
+            record["candidates"] = candidates
+        return record
+
+    def body(self) -> dict[str, Any]:
+        """The ``chat.completion`` object."""
+        message = {"role": "assistant", "content": self.result.answer}
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {"index": 0, "message": message, "finish_reason": self.finish_reason, "logprobs": None}
+            ],
+            "usage": self.usage(),
+            "sgl_adaptive": self.extension(),
+        }
+
+    def chunks(self) -> list[dict[str, Any]]:
+        """The ``chat.completion.chunk`` objects of the chosen answer: the role, the text, the finish reason
+        (with the ``sgl_adaptive`` object), and the usage when ``stream_options.include_usage`` is set."""
+
+        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return {**self._chunk_head(), "choices": [choice], **extra}
+
+        out = [chunk({"role": "assistant", "content": ""}), chunk({"content": self.result.answer})]
+        out.append(chunk({}, self.finish_reason, sgl_adaptive=self.extension()))
+        if self.request.include_usage:
+            out.append({**self._chunk_head(), "choices": [], "usage": self.usage()})
+        return out
+
+    def _chunk_head(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+        }
+
+
+def models_body(model: str, created: int) -> dict[str, Any]:
+    """``GET /v1/models``."""
+    return {
+        "object": "list",
+        "data": [{"id": model, "object": "model", "created": created, "owned_by": "sgl-adaptive"}],
+    }

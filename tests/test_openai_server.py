@@ -1,0 +1,511 @@
+"""The OpenAI-compatible front (``sgl_adaptive.openai_api``) driven by the real ``openai`` client against the
+in-process backend on the tiny model: completions, streaming, per-request options, every error status,
+load (429, queue, timeouts), draining shutdown, and ``sgl-adaptive serve`` itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import openai
+import pytest
+
+from sgl_adaptive import run
+from sgl_adaptive.errors import BackendUnavailableError
+from sgl_adaptive.openai_api import ServerOptions, serve_openai
+
+PROMPT = "What is 2 + 3?"
+
+
+class Gate:
+    """A backend whose ``generate`` waits until ``open`` is set (keeps runs in flight on demand)."""
+
+    def __init__(self, backend) -> None:
+        self._backend = backend
+        self.open = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def generate(self, s, sampling_params):
+        assert self.open.wait(60), "the gate was never opened"
+        return self._backend.generate(s, sampling_params=sampling_params)
+
+
+class Failing:
+    """A backend whose every request raises ``error``."""
+
+    def __init__(self, backend, error: Exception) -> None:
+        self._backend, self._error = backend, error
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def generate(self, s, sampling_params):
+        raise self._error
+
+
+class Servers:
+    """Starts servers for one test and drains them all at its end."""
+
+    def __init__(self) -> None:
+        self.started: list = []
+        self.logs: list[str] = []
+
+    def start(self, backend, **options):
+        native_url = options.pop("native_url", None)
+        server = serve_openai(
+            backend,
+            port=0,
+            model="tiny",
+            options=ServerOptions(**options),
+            native_url=native_url,
+            log=self.logs.append,
+        )
+        self.started.append(server)
+        return server
+
+    def stop(self) -> None:
+        for server in self.started:
+            server.stop(grace_s=30)
+
+
+@pytest.fixture()
+def servers():
+    s = Servers()
+    yield s
+    s.stop()
+
+
+def client_for(server, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, **kwargs)
+
+
+def chat(client, *, content: str = PROMPT, **kwargs):
+    extra = {
+        k: kwargs.pop(k)
+        for k in list(kwargs)
+        if k not in ("max_tokens", "temperature", "top_p", "seed", "stream", "n", "stream_options")
+    }
+    return client.chat.completions.create(
+        model=kwargs.pop("model", "tiny"),
+        messages=[{"role": "user", "content": content}],
+        extra_body=extra or None,
+        **kwargs,
+    )
+
+
+def post(server, body, path: str = "/v1/chat/completions") -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(
+        server.url + path, data=data, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def get(server, path: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(server.url + path, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def error_of(exc: openai.APIStatusError) -> dict:
+    body = exc.response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+# ---- answers ---------------------------------------------------------------------------------------
+
+
+def test_chat_completion_matches_the_library_and_carries_usage_and_costs(servers, backend):
+    server = servers.start(backend)
+    client = client_for(server)
+    reply = chat(client, max_tokens=8, seed=3, method="best-of-n", samples=2)
+    direct = run(PROMPT, backend, "best-of-n", n=2, max_new_tokens=8, seed=3)
+    assert reply.object == "chat.completion" and reply.model == "tiny"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == direct.answer
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    extra = reply.model_extra["sgl_adaptive"]
+    assert extra["method"] == "best-of-n" and extra["samples"] == 2 and extra["self_evals"] == 2
+    assert extra["batches"] == 1 and extra["flops"] > 0 and extra["wall_s"] >= 0
+    assert extra["tokens"]["generated"] == direct.costs.generated_tokens
+    assert "candidates" not in extra and extra["config"]["n"] == 2 and extra["config"]["seed"] == 3
+    usage = reply.usage
+    assert usage.prompt_tokens > 0 and usage.completion_tokens == direct.costs.generated_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert any('"POST /v1/chat/completions" 200' in line and "samples=2" in line for line in servers.logs)
+
+
+def test_models_and_health(servers, backend):
+    server = servers.start(backend)
+    client = client_for(server)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    assert get(server, "/health") == (200, {"status": "ok", "running": 0, "waiting": 0})
+    assert get(server, "/v1/models/other")[0] == 404
+
+
+def test_streaming_sends_progress_then_the_chosen_answer(servers, backend):
+    server = servers.start(backend)
+    client = client_for(server)
+    whole = chat(client, max_tokens=8, seed=5, method="best-of-n", samples=2)
+    chunks = list(
+        chat(
+            client,
+            max_tokens=8,
+            seed=5,
+            method="best-of-n",
+            samples=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(final) == 1 and final[0].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert final[0].model_extra["sgl_adaptive"]["samples"] == 2
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    # The raw stream: progress comments (ignored by clients) before the data, [DONE] last.
+    body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "stream": True, "method": "best-of-n",
+            "samples": 2, "max_tokens": 8}  # fmt: skip
+    request = urllib.request.Request(server.url + "/v1/chat/completions", data=json.dumps(body).encode())
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        assert answer.headers["Content-Type"] == "text/event-stream"
+        events = answer.read().decode().split("\n\n")
+    assert events[0].startswith(": round 1: sampling")
+    assert any(e.startswith(": ") and "score" in e for e in events)
+    assert [e for e in events if e][-1] == "data: [DONE]"
+
+
+def test_extra_body_options_reach_the_method(servers, backend):
+    server = servers.start(backend)
+    client = client_for(server)
+    reply = chat(
+        client, max_tokens=12, temperature=0.9, top_p=0.95, method="prune", samples=3, keep=1, prune_at=4,
+        return_candidates=True,
+    )  # fmt: skip
+    extra = reply.model_extra["sgl_adaptive"]
+    config = extra["config"]
+    assert (config["n"], config["keep"], config["prune_at"], config["max_new_tokens"]) == (3, 1, 4, 12)
+    assert (config["temperature"], config["top_p"]) == (0.9, 0.95)
+    candidates = extra["candidates"]
+    assert len(candidates) == 3 and all(c["score"] is not None for c in candidates)
+    assert sum(not c["pruned"] for c in candidates) == 1
+    assert candidates[extra["best"]]["text"] == reply.choices[0].message.content
+    adaptive = chat(client, max_tokens=4, method="adaptive", samples=4, threshold=0.0).model_extra[
+        "sgl_adaptive"
+    ]
+    assert adaptive["samples"] == 1 and adaptive["config"]["threshold"] == 0.0  # stops after the first sample
+    greedy = chat(client, max_tokens=4, method="greedy").model_extra["sgl_adaptive"]
+    assert greedy["method"] == "greedy" and greedy["self_evals"] == 0
+
+
+# ---- errors ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "needle"),
+    [
+        ({"method": "beam"}, "method", "unknown method 'beam'"),
+        ({"samples": 0}, "samples", "samples must be at least 1"),
+        ({"samples": 65}, "samples", "at most 64"),
+        ({"samples": "4"}, "samples", "must be an integer"),
+        ({"temperature": "hot"}, "temperature", "must be a number"),
+        ({"threshold": 2}, "threshold", "threshold must be within [0, 1]"),
+        ({"method": "prune", "samples": 2, "keep": 3}, "keep", "keep must not exceed samples"),
+        ({"method": "best-of-n", "keep": 2}, "keep", "keep is not used by method best-of-n"),
+        ({"method": "greedy", "temperature": 0.5}, "temperature", "not used by method greedy"),
+        ({"n": 2}, "n", "the sample budget is the `samples` field"),
+        ({"best_of": 4}, "best_of", "the sample budget is `samples`"),
+        ({"tools": []}, "tools", "unsupported field 'tools'"),
+        ({"stop": ["\n"]}, "stop", "stop sequences are not supported"),
+        ({"max_tokens": 4, "max_completion_tokens": 4}, "max_completion_tokens", "not both"),
+        ({"stream": "yes"}, "stream", "true or false"),
+        (
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]},
+            "messages",
+            "system messages",
+        ),  # fmt: skip
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"},
+                ]
+            },
+            "messages",
+            "multi-turn",
+        ),  # fmt: skip
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages",
+            "only text",
+        ),  # fmt: skip
+        ({"messages": [{"role": "user", "content": "  "}]}, "messages", "empty"),
+        ({"messages": []}, "messages", "non-empty list"),
+        ({"model": None}, "model", "`model` is required"),
+    ],
+)
+def test_bad_fields_are_400_with_the_field_named(servers, backend, body, param, needle):
+    server = servers.start(backend)
+    request = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4, **body}
+    status, answer = post(server, request)
+    assert status == 400, answer
+    error = answer["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and needle in error["message"]
+
+
+def test_openai_client_sees_400_404_and_413(servers, backend):
+    server = servers.start(backend)
+    client = client_for(server)
+    with pytest.raises(openai.BadRequestError) as bad:
+        chat(client, method="best-of-n", keep=3)
+    assert error_of(bad.value)["param"] == "keep"
+    with pytest.raises(openai.NotFoundError) as unknown:
+        chat(client, model="gpt-4o")
+    assert error_of(unknown.value)["code"] == "model_not_found"
+    too_long = "seven " * (backend.context_length + 5)
+    for stream in (False, True):
+        with pytest.raises(openai.APIStatusError) as long:
+            chat(client, content=too_long, method="best-of-n", samples=2, max_tokens=4, stream=stream)
+        assert long.value.status_code == 413
+        error = error_of(long.value)
+        assert error["code"] == "context_length_exceeded" and "context" in error["message"]
+    assert post(server, b"{not json")[0] == 400
+    assert get(server, "/v1/nothing")[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (
+            BackendUnavailableError("lost the SGLang server at http://127.0.0.1:9: connection refused"),
+            "backend_unavailable",
+        ),
+        (RuntimeError("CUDA error: an illegal memory access"), "backend_failed"),
+    ],
+)
+def test_a_failing_backend_is_502(servers, backend, error, code):
+    server = servers.start(Failing(backend, error))
+    with pytest.raises(openai.APIStatusError) as failed:
+        chat(client_for(server), method="best-of-n", samples=2, max_tokens=4)
+    assert failed.value.status_code == 502 and error_of(failed.value)["code"] == code
+    assert get(server, "/health")[0] == 200
+
+
+def test_a_full_queue_is_429_and_none_of_16_concurrent_requests_is_lost(servers, backend):
+    gate = Gate(backend)
+    server = servers.start(gate, max_concurrency=2, max_queue=4)
+    client = client_for(server, timeout=120)
+    outcomes: list = []
+
+    def ask(i: int) -> None:
+        try:
+            reply = chat(client, content=f"What is {i} + 1?", method="best-of-n", samples=2, max_tokens=6)
+            outcomes.append(("ok", reply.choices[0].message.content))
+        except openai.RateLimitError as exc:
+            outcomes.append(("429", error_of(exc)["code"]))
+        except Exception as exc:  # anything else is a lost request
+            outcomes.append(("lost", repr(exc)))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(outcomes) == 10 and server.admission.running == 2 and server.admission.waiting == 4)
+    assert get(server, "/health") == (200, {"status": "ok", "running": 2, "waiting": 4})
+    gate.open.set()
+    for t in threads:
+        t.join(120)
+    kinds = Counter(kind for kind, _ in outcomes)
+    assert kinds == {"ok": 6, "429": 10}, outcomes
+    assert {value for kind, value in outcomes if kind == "429"} == {"queue_full"}
+    wait_for(lambda: server.admission.idle)
+    assert get(server, "/health")[0] == 200
+    assert chat(client, method="greedy", max_tokens=4).choices[0].message.content is not None
+    assert sum(" 429 " in line for line in servers.logs) == 10
+
+
+def test_16_concurrent_requests_on_the_tiny_model_are_all_answered_or_429(servers, backend):
+    server = servers.start(backend, max_concurrency=4, max_queue=8)
+    client = client_for(server, timeout=120)
+    statuses: list[int] = []
+
+    def ask(i: int) -> None:
+        try:
+            chat(client, content=f"Name the number {i}.", method="best-of-n", samples=2, max_tokens=6)
+            statuses.append(200)
+        except openai.APIStatusError as exc:
+            statuses.append(exc.status_code)
+        except Exception:
+            statuses.append(-1)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert len(statuses) == 16 and set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) >= 12  # at least the running and queued ones
+    wait_for(lambda: server.admission.idle)
+    assert get(server, "/health")[0] == 200
+
+
+def test_a_request_past_its_timeout_is_504_and_its_slot_returns_when_the_run_ends(servers, backend):
+    gate = Gate(backend)
+    server = servers.start(gate, max_concurrency=1, max_queue=1, request_timeout_s=0.5)
+    client = client_for(server)
+    with pytest.raises(openai.APIStatusError) as late:
+        chat(client, method="greedy", max_tokens=4)
+    assert late.value.status_code == 504 and error_of(late.value)["code"] == "timeout"
+    assert server.admission.running == 1  # the run goes on until it ends
+    gate.open.set()
+    wait_for(lambda: server.admission.idle)
+
+
+def test_stop_drains_in_flight_requests_and_refuses_new_ones_with_503(servers, backend):
+    gate = Gate(backend)
+    server = servers.start(gate)
+    client = client_for(server, timeout=60)
+    answers: list = []
+    worker = threading.Thread(target=lambda: answers.append(chat(client, method="greedy", max_tokens=4)))
+    worker.start()
+    wait_for(lambda: server.admission.running == 1)
+    stopped: list[bool] = []
+    stopper = threading.Thread(target=lambda: stopped.append(server.stop(grace_s=30)))
+    stopper.start()
+    wait_for(lambda: server.draining)
+    with pytest.raises(openai.APIStatusError) as refused:
+        chat(client, method="greedy", max_tokens=4)
+    assert refused.value.status_code == 503 and error_of(refused.value)["code"] == "shutting_down"
+    assert get(server, "/health")[0] == 503
+    gate.open.set()
+    worker.join(60)
+    stopper.join(60)
+    assert stopped == [True] and answers and answers[0].choices[0].message.content is not None
+
+
+# ---- in front of an SGLang server, and the native API ----------------------------------------------
+
+
+def test_in_front_of_an_sglang_server_and_forwarding_its_native_api(servers, backend):
+    """``--endpoint``: the front over ``SGLangEndpoint`` (here against the in-process engine served over
+    SGLang's HTTP API); ``--model``: native requests forwarded to that API."""
+    from sgl_adaptive.backends.endpoint import SGLangEndpoint
+    from sgl_adaptive.backends.http_server import serve
+
+    native = serve(backend, port=0)
+    try:
+        native_url = f"http://127.0.0.1:{native.server_address[1]}"
+        front = servers.start(SGLangEndpoint(native_url))
+        client = client_for(front)
+        via_server = chat(client, method="greedy", max_tokens=6)
+        assert (
+            via_server.choices[0].message.content == run(PROMPT, backend, "greedy", max_new_tokens=6).answer
+        )
+        assert via_server.usage.prompt_tokens > 0
+        with pytest.raises(openai.APIStatusError) as long:
+            chat(client, content="seven " * (backend.context_length + 5), method="greedy", max_tokens=4)
+        assert long.value.status_code == 413
+        assert get(front, "/health")[0] == 200
+        both = servers.start(backend, native_url=native_url)
+        assert get(both, "/get_model_info")[1]["model_path"] == backend.model_path
+        endpoint = SGLangEndpoint(both.url)  # the native API through the front's port
+        assert (
+            run(PROMPT, endpoint, "greedy", max_new_tokens=6).answer == via_server.choices[0].message.content
+        )
+    finally:
+        native.shutdown()
+    assert get(front, "/health")[0] == 503  # the SGLang server behind it is gone
+
+
+# ---- the command line ------------------------------------------------------------------------------
+
+
+def test_serve_checks_its_options_before_loading_anything():
+    from typer.testing import CliRunner
+
+    from sgl_adaptive.cli import app
+
+    runner = CliRunner()
+    for args, needle in [
+        (["--max-concurrency", "0"], "--max-concurrency must be at least 1"),
+        (["--request-timeout", "0"], "--request-timeout must be positive"),
+        (["--max-samples", "0"], "--max-samples must be at least 1"),
+        (["--model", "/nonexistent/model", "--endpoint", "http://127.0.0.1:9"], "not both"),
+        (["--endpoint", "http://127.0.0.1:9"], "cannot reach the SGLang server"),
+    ]:
+        res = runner.invoke(
+            app,
+            ["serve", "--model", "/nonexistent/model", *args]
+            if "--model" not in args and "--endpoint" not in args
+            else ["serve", *args],
+            env={"COLUMNS": "300"},
+        )
+        lines = res.output.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and needle in lines[0], res.output
+
+
+def test_serve_answers_openai_and_native_requests_and_drains_on_sigterm(tiny_model_dir: Path):
+    command = [sys.executable, "-m", "sgl_adaptive.cli", "serve", "--model", str(tiny_model_dir), "--port", "0",
+               "--device", "cpu", "--served-model-name", "tiny"]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "300"}
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = None
+        lines: list[str] = []
+        deadline = time.monotonic() + 240
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+            url = found.group(0) if found else None
+        assert url, "".join(lines)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        assert (
+            chat(client, method="best-of-n", samples=2, max_tokens=4).model_extra["sgl_adaptive"]["samples"]
+            == 2
+        )
+        with urllib.request.urlopen(url + "/get_model_info", timeout=30) as answer:  # the native API
+            assert json.loads(answer.read())["model_path"] == str(tiny_model_dir)
+        stream = chat(client, method="best-of-n", samples=2, max_tokens=24, stream=True)
+        proc.send_signal(signal.SIGTERM)  # the streamed request is in flight: it must still complete
+        chunks = list(stream)
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        assert proc.wait(120) == 0
+        rest = proc.stderr.read()
+        assert '"POST /v1/chat/completions" 200' in "".join(lines) + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
