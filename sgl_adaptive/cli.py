@@ -185,7 +185,7 @@ def serve_command(
     import signal
     import threading
 
-    from sgl_adaptive.openai_api.server import ServerOptions, serve_openai
+    from sgl_adaptive.openai_server import ServerOptions, serve_openai
 
     try:
         options = ServerOptions(max_concurrency, max_queue, request_timeout)

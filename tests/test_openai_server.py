@@ -1,4 +1,4 @@
-"""The OpenAI-compatible front (``sgl_adaptive.openai_api``) driven by the real ``openai`` client against the
+"""The OpenAI-compatible front (``sgl_adaptive.openai_server``) driven by the real ``openai`` client against the
 in-process backend on the tiny model: completions, streaming, per-request options, every error status,
 load (429, queue, timeouts), draining shutdown, and ``sgl-adaptive serve`` itself."""
 
@@ -22,7 +22,7 @@ import pytest
 
 from sgl_adaptive import run
 from sgl_adaptive.errors import BackendUnavailableError
-from sgl_adaptive.openai_api import ServerOptions, serve_openai
+from sgl_adaptive.openai_server import ServerOptions, serve_openai
 
 PROMPT = "What is 2 + 3?"
 

@@ -1,5 +1,7 @@
-"""Serve ``/v1/chat/completions``, ``/v1/models`` and ``/health`` over any backend (``LocalBackend``,
-``SGLangEndpoint``), with a bounded queue, request timeouts, streaming and a draining shutdown.
+"""An OpenAI-compatible HTTP front for adaptive Best-of-N (``sgl-adaptive serve``): ``/v1/chat/completions``,
+``/v1/models`` and ``/health`` over any backend (``LocalBackend``, ``SGLangEndpoint``), with a bounded queue,
+request timeouts, streaming and a draining shutdown. Requests are checked and responses shaped in
+``openai_protocol.py``; importing either imports neither torch nor sglang.
 
 Each admitted request runs its method in a worker thread; at most ``max_concurrency`` run at once,
 ``max_queue`` more wait, and any further request is answered 429 at once. A run cannot be cancelled:
@@ -25,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from sgl_adaptive.errors import BackendUnavailableError, ProgramError, PromptTooLongError, UserError
-from sgl_adaptive.openai_api.protocol import (
+from sgl_adaptive.openai_protocol import (
     ApiError,
     ChatRequest,
     Completion,
