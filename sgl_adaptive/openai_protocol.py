@@ -66,7 +66,8 @@ class ServerLimits:
     """The one model id served (``/v1/models``); a request naming another is a 404."""
     default_method: str = "adaptive"
     max_samples: int = 64
-    max_tokens: int = 4096
+    max_tokens: int | None = None
+    """The largest ``max_tokens`` a request may ask for (None: the backend's context is the limit)."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def parse_chat_request(body: Any, limits: ServerLimits) -> ChatRequest:
     _check_used(method, given)
     if given.get("samples", 1) > limits.max_samples:
         raise bad_request(f"samples must be at most {limits.max_samples} on this server", "samples")
-    if given.get("max_tokens", 1) > limits.max_tokens:
+    if limits.max_tokens is not None and given.get("max_tokens", 1) > limits.max_tokens:
         raise bad_request(f"max_tokens must be at most {limits.max_tokens} on this server", "max_tokens")
     knobs = {KNOB_FIELDS[name]: value for name, value in given.items()}
     knobs.setdefault("seed", None)  # no seed: no reseeding of a backend that other requests share

@@ -232,8 +232,12 @@ class OpenAIServer(ThreadingHTTPServer):
         base_url = getattr(self.backend, "base_url", None)
         if not base_url:
             return None
+        api_key = getattr(self.backend, "api_key", None)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         try:
-            with urllib.request.urlopen(base_url + "/health", timeout=5):
+            with urllib.request.urlopen(
+                urllib.request.Request(base_url + "/health", headers=headers), timeout=5
+            ):
                 return None
         except (urllib.error.URLError, OSError) as exc:
             return f"the SGLang server at {base_url} is not healthy: {exc}"
@@ -331,6 +335,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.draining:
             raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
         request = parse_chat_request(body, self.server.limits)
+        if "seed" in request.given and not hasattr(self.server.backend, "reseed"):
+            raise bad_request(
+                "seed is honoured by the in-process backend only, not by an SGLang server", "seed"
+            )
         self._detail = f" method={request.method} stream={str(request.stream).lower()}"
         deadline = time.monotonic() + self.server.options.request_timeout_s
         self.server.admission.enter(deadline)

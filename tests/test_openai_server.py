@@ -387,6 +387,9 @@ def test_a_request_past_its_timeout_is_504_and_its_slot_returns_when_the_run_end
         chat(client, method="greedy", max_tokens=4)
     assert late.value.status_code == 504 and error_of(late.value)["code"] == "timeout"
     assert server.admission.running == 1  # the run goes on until it ends
+    with pytest.raises(openai.APIStatusError) as queued:
+        chat(client, method="greedy", max_tokens=4)
+    assert queued.value.status_code == 504 and "in the queue" in error_of(queued.value)["message"]
     gate.open.set()
     wait_for(lambda: server.admission.idle)
 
@@ -432,6 +435,9 @@ def test_in_front_of_an_sglang_server_and_forwarding_its_native_api(servers, bac
             via_server.choices[0].message.content == run(PROMPT, backend, "greedy", max_new_tokens=6).answer
         )
         assert via_server.usage.prompt_tokens > 0
+        with pytest.raises(openai.BadRequestError) as seeded:  # the server's sampling seed is not ours
+            chat(client, method="greedy", max_tokens=4, seed=1)
+        assert error_of(seeded.value)["param"] == "seed"
         with pytest.raises(openai.APIStatusError) as long:
             chat(client, content="seven " * (backend.context_length + 5), method="greedy", max_tokens=4)
         assert long.value.status_code == 413
