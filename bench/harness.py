@@ -27,7 +27,7 @@ from sgl_adaptive.errors import UserError
 
 from .datasets import Dataset, Item, answer_key, grade, load_dataset_items
 from .judge import DEFAULT_JUDGE_PROMPT, judge_config
-from .methods import METHODS, PRUNING, LiveContext, label, live_jobs, run_live
+from .methods import METHODS, PRUNING, LiveContext, costs_dict, label, live_jobs, run_live
 from .store import JsonlStore, config_hash
 from .sweep import Pool, PoolSample, sample_counts, simulate, sweep_grid
 
@@ -575,7 +575,7 @@ def _run_sweep(
                         chosen=out.chosen,
                         score=out.score,
                         drawn=len(out.candidates),
-                        costs=out.costs,
+                        costs=costs_dict(out.costs, out.rm_tokens, out.rm_flops, estimated=True),
                         pool_wall_s=pool_rec["costs"]["wall_s"],
                         time=_now(),
                     )

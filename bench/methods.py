@@ -18,12 +18,12 @@ from typing import Any
 from sgl_adaptive.config import MethodConfig
 from sgl_adaptive.costs import Costs
 from sgl_adaptive.result import Result
+from sgl_adaptive.rules import Selector, argmax
 from sgl_adaptive.selfeval import SelfEvalConfig
 
 from .datasets import Item, Judge, answer_key, grade
 from .reward import RewardModel
 from .store import config_hash
-from .sweep import argmax
 
 METHODS: tuple[str, ...] = (
     "greedy",
@@ -100,14 +100,15 @@ def method_config(
 
 
 def costs_dict(
-    costs: Costs, rm_tokens: int = 0, rm_flops: float = 0.0, rm_wall: float = 0.0
+    costs: Costs, rm_tokens: int = 0, rm_flops: float = 0.0, rm_wall: float = 0.0, estimated: bool = False
 ) -> dict[str, Any]:
-    """The cost fields of a result line (reward-model reads added to FLOPs and wall time)."""
+    """The cost fields of a result line (reward-model reads added to FLOPs and wall time); an
+    ``estimated`` line (sweep) has no wall time."""
     out = dataclasses.asdict(costs)
-    out["wall_s"] = round(out["wall_s"] + rm_wall, 4)
+    out["wall_s"] = None if estimated else round(out["wall_s"] + rm_wall, 4)
     if out["flops"] is not None:
         out["flops"] += rm_flops
-    out.update(rm_tokens=rm_tokens, rm_flops=rm_flops, estimated=False)
+    out.update(rm_tokens=rm_tokens, rm_flops=rm_flops, estimated=estimated)
     return out
 
 
@@ -165,7 +166,8 @@ def run_live(ctx: LiveContext, item: Item, method: str, config: dict[str, Any]) 
             chosen, scores = argmax(range(len(texts)), rewards.scores), rewards.scores
         elif method == "majority":
             keys = [answer_key(item.task, t) for t in texts]
-            chosen, scores = _majority(keys), [None] * len(texts)
+            scores = [None] * len(texts)
+            chosen = Selector("majority").pick(range(len(texts)), scores, keys)
         else:
             qualities = grade(item, texts, ctx.judge)
             chosen, scores = argmax(range(len(texts)), qualities), [None] * len(texts)
@@ -179,17 +181,6 @@ def run_live(ctx: LiveContext, item: Item, method: str, config: dict[str, Any]) 
     return outcome_fields(
         ctx, item, result, chosen, scores, costs_dict(result.costs, rm_tokens, rm_flops, rm_wall)
     )
-
-
-def _majority(keys: list[str | None]) -> int:
-    counts: dict[str, int] = {}
-    for k in keys:
-        if k is not None:
-            counts[k] = counts.get(k, 0) + 1
-    if not counts:
-        return 0
-    top = max(counts.values())
-    return next(i for i, k in enumerate(keys) if k is not None and counts[k] == top)
 
 
 def outcome_fields(

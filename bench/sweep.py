@@ -4,29 +4,33 @@ A pool (``programs/pool.py``) holds N samples in draw order, each with its self-
 at several token budgets and at its end (plus, when asked, a reward-model score and a zero-shot
 judge score of the final response). From it every method is simulated without new generation:
 
-- best-of-k (k <= N) by a scorer: the first k samples, argmax of the scorer;
+- best-of-k (k <= N) by a scorer: the first k samples, picked by the selector (argmax of the scorer);
 - majority vote and pass@k oracle over the first k samples;
-- adaptive sampling at a threshold: samples in draw order in batches ``batch_sizes(N)``, stop once
-  the best final score reaches the threshold (``ThresholdStop``: 1.0 never stops), argmax;
+- adaptive sampling: samples in draw order in batches ``batch_sizes(N)`` until the stop rule holds
+  (by default the best final score reaches the threshold; 1.0 never stops), then the selector picks;
 - early pruning at budget b keeping k: rank all samples by their score at b, finish the top k;
-  samples finished by b are complete and stay eligible; the best eligible final score wins;
+  samples finished by b are complete and stay eligible; the selector picks among the eligible;
 - adaptive + pruning: adaptive rounds, each pruned to ``round_keep`` of its samples.
 
-Ties go to the earliest-drawn sample, as in the programs. Costs are counted from the token counts:
-samples, batches, generated tokens (a pruned sample costs only b), evaluations, critical-path
-tokens and FLOPs estimated with ``request_flops`` per modelled request (prompt prefilled once,
-evaluations hitting the prefix cache), plus the reward model's reads.
+Every decision (batch schedule, stop rule, pruning rank, selection, vote) is the programs' own, from
+``sgl_adaptive.rules`` and ``sgl_adaptive.schedules``; ties go to the earliest-drawn sample. Costs are
+the library's ``Costs``, summed by the programs' ``CostMeter`` from modelled requests: samples, batches,
+generated tokens (a pruned sample costs only b), evaluations, critical-path tokens and FLOPs estimated
+with ``request_flops`` (prompt prefilled once, evaluations hitting the prefix cache); the reward
+model's reads are counted apart (``Outcome.rm_tokens``, ``rm_flops``).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sgl_adaptive.costs import ModelShape, request_flops
-from sgl_adaptive.schedules import ThresholdStop, batch_sizes
+from sgl_adaptive.costs import CostMeter, Costs, ModelShape, RequestKind
+from sgl_adaptive.rules import Selector, StopRule, argmax, prune_rank, round_keep
+from sgl_adaptive.schedules import batch_sizes
+
+ARGMAX = Selector("argmax")
 
 SCORERS = {"best-of-n": "self", "rm-best-of-n": "rm", "judge-best-of-n": "judge"}
 """Best-of-N methods and the scorer each selects by."""
@@ -93,89 +97,65 @@ class Outcome:
     chosen: int
     quality: float
     score: float | None
-    costs: dict[str, Any]
+    costs: Costs
+    """Estimated from token counts (``wall_s`` 0: not measured); FLOPs exclude the reward model's reads."""
     candidates: list[int] = field(default_factory=list)
     """The samples the method drew, in draw order."""
+    rm_tokens: int = 0
+    rm_flops: float = 0.0
 
 
 class Tally:
-    """Models the requests a method would send, and sums them into the result lines' cost fields."""
+    """Models the requests a method would send in a ``CostMeter``, the programs' own cost meter, plus the
+    reward model's reads."""
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
-        self.requests: list[tuple[int, int, int]] = []
-        self.samples = self.batches = self.critical = 0
-        self.generated = self.self_evals = self.eval_prefill = 0
+        self.meter = CostMeter()
         self.rm_tokens = 0
         self.rm_flops = 0.0
         self._prompt_cached = False
+
+    def batch(self, size: int, longest: int) -> None:
+        """A sequential round of ``size`` samples whose longest generation is ``longest`` tokens."""
+        self.meter.start_round(size)
+        self.meter.add_critical_path(longest)
 
     def sample(self, completion: int, start: int = 0) -> None:
         """A sample request decoding ``completion`` tokens after ``start`` tokens already generated."""
         p = self.pool.prompt_tokens
         if start == 0:
-            self.requests.append((p, p if self._prompt_cached else 0, completion))
+            self._record("sample", p, p if self._prompt_cached else 0, completion)
             self._prompt_cached = True
         else:  # a continuation feeds the last token of the previous part
-            self.requests.append((p + start, p + start - 1, completion))
-        self.generated += completion
+            self._record("sample", p + start, p + start - 1, completion)
 
     def evaluate(self, tokens: int, new_tokens: int | None = None) -> None:
         """An evaluation turn after ``tokens`` generated tokens (the prompt and response are cached)."""
         new = self.pool.eval_tokens if new_tokens is None else new_tokens
         p = self.pool.prompt_tokens
         # the sample's last token is fed with the turn (it was never fed back): part of ``new``
-        self.requests.append((p + tokens - 1 + new, p + tokens - 1, 1))
-        self.self_evals += 1
-        self.eval_prefill += new
+        self._record("eval", p + tokens - 1 + new, p + tokens - 1, 1)
 
     def reward(self, smp: PoolSample) -> None:
         self.rm_tokens += smp.rm_tokens
         self.rm_flops += smp.rm_flops
 
-    def costs(self) -> dict[str, Any]:
-        shape = self.pool.shape
-        flops = None
-        if shape is not None:
-            flops = sum(request_flops(shape, p, c, n) for p, c, n in self.requests) + self.rm_flops
-        return {
-            "samples": self.samples,
-            "batches": self.batches,
-            "generated_tokens": self.generated,
-            "prefill_tokens": sum(p - c for p, c, _ in self.requests),
-            "cached_tokens": sum(c for _, c, _ in self.requests),
-            "self_evals": self.self_evals,
-            "eval_prefill_tokens": self.eval_prefill,
-            "critical_path_tokens": self.critical,
-            "flops": flops,
-            "wall_s": None,
-            "rm_tokens": self.rm_tokens,
-            "rm_flops": self.rm_flops,
-            "estimated": True,
-        }
+    def _record(self, kind: RequestKind, prompt: int, cached: int, completion: int) -> None:
+        meta = {"prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion}
+        self.meter.record(kind, meta)
 
-
-def argmax(indices: Iterable[int], values: Sequence[float | None]) -> int:
-    """Index of the highest value; ties to the earliest; None values lose; the first index if all None."""
-    indices = list(indices)
-    scored = [i for i in indices if values[i] is not None]
-    if not scored:
-        return indices[0]
-    return max(scored, key=lambda i: (values[i], -i))
-
-
-def _outcome(pool: Pool, chosen: int, tally: Tally, drawn: list[int], score: float | None = None) -> Outcome:
-    smp = pool.samples[chosen]
-    return Outcome(chosen, smp.quality, score, tally.costs(), drawn)
+    def outcome(self, chosen: int, drawn: list[int], score: float | None = None) -> Outcome:
+        costs = self.meter.totals(self.pool.shape)
+        quality = self.pool.samples[chosen].quality
+        return Outcome(chosen, quality, score, costs, drawn, self.rm_tokens, self.rm_flops)
 
 
 def _draw_all(pool: Pool, tally: Tally, indices: list[int]) -> None:
     """One batch of samples run to their end."""
     for i in indices:
         tally.sample(pool.samples[i].tokens)
-    tally.samples += len(indices)
-    tally.batches += 1
-    tally.critical += max(pool.samples[i].tokens for i in indices)
+    tally.batch(len(indices), max(pool.samples[i].tokens for i in indices))
 
 
 def _check_k(pool: Pool, k: int) -> list[int]:
@@ -184,23 +164,34 @@ def _check_k(pool: Pool, k: int) -> list[int]:
     return list(range(k))
 
 
+def _finals(pool: Pool) -> list[float | None]:
+    return [s.final_score for s in pool.samples]
+
+
+def _answers(pool: Pool) -> list[str | None]:
+    return [s.answer for s in pool.samples]
+
+
 def greedy(pool: Pool) -> Outcome:
     """The first sample (greedy when the pool is annealed: its temperature is 0)."""
     tally = Tally(pool)
     _draw_all(pool, tally, [0])
-    return _outcome(pool, 0, tally, [0])
+    return tally.outcome(0, [0])
 
 
-def best_of(pool: Pool, k: int, scorer: str = "self") -> Outcome:
-    """Best-of-k over the first k samples by ``self`` (final self-evaluation), ``rm`` or ``judge``."""
+def best_of(pool: Pool, k: int, scorer: str = "self", selector: Selector = ARGMAX) -> Outcome:
+    """Best-of-k over the first k samples by ``self`` (final self-evaluation), ``rm`` or ``judge``, picked by
+    ``selector`` (argmax of the score, or a vote weighted by it)."""
     drawn = _check_k(pool, k)
     tally = Tally(pool)
     _draw_all(pool, tally, drawn)
     samples = pool.samples
+    if not selector.needs_scores:
+        return tally.outcome(selector.pick(drawn, [None] * pool.n, _answers(pool)), drawn)
     if scorer == "self":
         for i in drawn:
             tally.evaluate(samples[i].tokens)
-        values = [s.final_score for s in samples]
+        values = _finals(pool)
     elif scorer == "judge":
         for i in drawn:
             tally.evaluate(samples[i].tokens, samples[i].judge_prefill)
@@ -213,22 +204,13 @@ def best_of(pool: Pool, k: int, scorer: str = "self") -> Outcome:
         raise ValueError(f"unknown scorer {scorer!r}")
     if any(values[i] is None for i in drawn):
         raise ValueError(f"the pool has no {scorer} scores")
-    chosen = argmax(drawn, values)
-    return _outcome(pool, chosen, tally, drawn, values[chosen])
+    chosen = selector.pick(drawn, values, _answers(pool))
+    return tally.outcome(chosen, drawn, values[chosen])
 
 
 def majority(pool: Pool, k: int) -> Outcome:
-    """The most frequent final answer among the first k samples (ties: the answer seen first)."""
-    drawn = _check_k(pool, k)
-    tally = Tally(pool)
-    _draw_all(pool, tally, drawn)
-    answers = [pool.samples[i].answer for i in drawn]
-    counts = Counter(a for a in answers if a is not None)
-    if not counts:
-        return _outcome(pool, 0, tally, drawn)
-    top = max(counts.values())
-    winner = next(a for a in answers if a is not None and counts[a] == top)
-    return _outcome(pool, answers.index(winner), tally, drawn)
+    """The most frequent final answer among the first k samples (ties: the answer seen first); no scores."""
+    return best_of(pool, k, selector=Selector("majority"))
 
 
 def oracle(pool: Pool, k: int) -> Outcome:
@@ -236,97 +218,123 @@ def oracle(pool: Pool, k: int) -> Outcome:
     drawn = _check_k(pool, k)
     tally = Tally(pool)
     _draw_all(pool, tally, drawn)
-    chosen = argmax(drawn, [s.quality for s in pool.samples])
-    return _outcome(pool, chosen, tally, drawn)
+    return tally.outcome(argmax(drawn, [s.quality for s in pool.samples]), drawn)
 
 
-def adaptive(pool: Pool, threshold: float) -> Outcome:
-    """Adaptive sampling: batches 1, 1, 2, 4, ... in draw order until the best final score >= threshold."""
-    stop = ThresholdStop(threshold)
+def adaptive(
+    pool: Pool,
+    threshold: float,
+    stop: StopRule | None = None,
+    selector: Selector = ARGMAX,
+    n: int | None = None,
+) -> Outcome:
+    """Adaptive sampling with budget ``n`` (default: the pool): batches 1, 1, 2, 4, ... in draw order until
+    ``stop`` holds (default: the best final score reaches ``threshold``); then ``selector`` picks.
+    Samples are self-evaluated only when the stop rule or the selector reads scores."""
+    stop = stop or StopRule("threshold", threshold)
+    scored = stop.needs_scores or selector.needs_scores
     tally = Tally(pool)
-    finals = [s.final_score for s in pool.samples]
+    finals = _finals(pool) if scored else [None] * pool.n
+    answers = _answers(pool)
     drawn: list[int] = []
-    for size in batch_sizes(pool.n):
+    for size in batch_sizes(n or pool.n):
         batch = list(range(len(drawn), len(drawn) + size))
         _draw_all(pool, tally, batch)
-        for i in batch:
-            tally.evaluate(pool.samples[i].tokens)
+        if scored:
+            for i in batch:
+                tally.evaluate(pool.samples[i].tokens)
         drawn += batch
-        if stop.should_stop(max((finals[i] for i in drawn if finals[i] is not None), default=None)):
+        if stop.should_stop(drawn, finals, answers):
             break
-    chosen = argmax(drawn, finals)
-    return _outcome(pool, chosen, tally, drawn, finals[chosen])
+    chosen = selector.pick(drawn, finals, answers)
+    return tally.outcome(chosen, drawn, finals[chosen])
 
 
 def _prune_round(pool: Pool, tally: Tally, indices: list[int], budget: int, keep: int) -> list[int]:
-    """Generate ``indices`` to ``budget``, score, finish the top ``keep``; return the eligible samples
-    (those finished by the budget, and the continued ones)."""
+    """Generate ``indices`` to ``budget``, score, finish the top ``keep`` (``prune_rank``); return the
+    eligible samples (those finished by the budget, and the continued ones)."""
     samples = pool.samples
     first = {i: min(samples[i].tokens, budget) for i in indices}
     for i in indices:
         tally.sample(first[i])
         tally.evaluate(first[i])
-    tally.samples += len(indices)
-    tally.batches += 1
-    tally.critical += max(first.values())
+    tally.batch(len(indices), max(first.values()))
     at_budget = {i: samples[i].score_at(budget) for i in indices}
-    ranked = sorted(indices, key=lambda i: (-(at_budget[i] if at_budget[i] is not None else -1.0), i))
-    continued = [i for i in sorted(ranked[:keep]) if not samples[i].done_by(budget)]
+    continued = [i for i in prune_rank(indices, at_budget, keep) if not samples[i].done_by(budget)]
     for i in continued:
         tally.sample(max(samples[i].tokens - budget, 0), start=budget)
         tally.evaluate(samples[i].tokens)
     if continued:
-        tally.critical += max(samples[i].tokens - budget for i in continued)
+        tally.meter.add_critical_path(max(samples[i].tokens - budget for i in continued))
     return sorted({i for i in indices if samples[i].done_by(budget)} | set(continued))
 
 
-def prune(pool: Pool, budget: int, keep: int) -> Outcome:
-    """Early pruning of all N samples at ``budget`` tokens, keeping ``keep``."""
+def prune(pool: Pool, budget: int, keep: int, selector: Selector = ARGMAX) -> Outcome:
+    """Early pruning of all N samples at ``budget`` tokens, keeping ``keep``; ``selector`` picks among the
+    complete ones."""
     if not 1 <= keep <= pool.n:
         raise ValueError(f"keep must be within 1..{pool.n} (got {keep})")
     tally = Tally(pool)
     drawn = list(range(pool.n))
     eligible = _prune_round(pool, tally, drawn, budget, keep)
-    finals = [s.final_score for s in pool.samples]
-    chosen = argmax(eligible, finals)
-    return _outcome(pool, chosen, tally, drawn, finals[chosen])
+    finals = _finals(pool)
+    chosen = selector.pick(eligible, finals, _answers(pool))
+    return tally.outcome(chosen, drawn, finals[chosen])
 
 
-def adaptive_prune(pool: Pool, threshold: float, budget: int, keep: int) -> Outcome:
+def adaptive_prune(
+    pool: Pool,
+    threshold: float,
+    budget: int,
+    keep: int,
+    stop: StopRule | None = None,
+    selector: Selector = ARGMAX,
+) -> Outcome:
     """Adaptive rounds, each pruned at ``budget`` to ``round_keep(size, keep, N)`` samples."""
-    from sgl_adaptive.programs.adaptive_pruning import round_keep
-
-    stop = ThresholdStop(threshold)
+    stop = stop or StopRule("threshold", threshold)
     tally = Tally(pool)
-    finals = [s.final_score for s in pool.samples]
+    finals = _finals(pool)
+    answers = _answers(pool)
     drawn: list[int] = []
     eligible: list[int] = []
     for size in batch_sizes(pool.n):
         batch = list(range(len(drawn), len(drawn) + size))
         eligible += _prune_round(pool, tally, batch, budget, round_keep(size, keep, pool.n))
         drawn += batch
-        if stop.should_stop(max((finals[i] for i in eligible if finals[i] is not None), default=None)):
+        if stop.should_stop(eligible, finals, answers):
             break
-    chosen = argmax(eligible, finals)
-    return _outcome(pool, chosen, tally, drawn, finals[chosen])
+    chosen = selector.pick(eligible, finals, answers)
+    return tally.outcome(chosen, drawn, finals[chosen])
+
+
+def rules_of(config: dict[str, Any]) -> tuple[StopRule, Selector]:
+    """The stop rule and selector of a sweep configuration (absent keys: the defaults of ``MethodConfig``)."""
+    stop = StopRule(
+        config.get("stop", "threshold"),
+        config.get("threshold", 1.0),
+        config.get("stop_confidence", 0.95),
+        config.get("stop_window", 4),
+    )
+    return stop, Selector(config.get("selector", "argmax"), config.get("vote_temperature", 0.1))
 
 
 def simulate(pool: Pool, method: str, config: dict[str, Any]) -> Outcome:
     """Dispatch one (method, config) of the sweep grid."""
+    stop, selector = rules_of(config)
     if method == "greedy":
         return greedy(pool)
     if method in SCORERS:
-        return best_of(pool, config["n"], SCORERS[method])
+        return best_of(pool, config["n"], SCORERS[method], selector)
     if method == "majority":
         return majority(pool, config["n"])
     if method == "oracle":
         return oracle(pool, config["n"])
     if method == "adaptive":
-        return adaptive(pool, config["threshold"])
+        return adaptive(pool, stop.threshold, stop, selector)
     if method == "prune":
-        return prune(pool, config["prune_at"], config["keep"])
+        return prune(pool, config["prune_at"], config["keep"], selector)
     if method == "adaptive-prune":
-        return adaptive_prune(pool, config["threshold"], config["prune_at"], config["keep"])
+        return adaptive_prune(pool, stop.threshold, config["prune_at"], config["keep"], stop, selector)
     raise ValueError(f"unknown method {method!r}")
 
 

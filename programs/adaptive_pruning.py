@@ -2,12 +2,10 @@
 
 Rounds grow as in adaptive sampling (1, 1, 2, 4, 8 ...); within a round of b samples, the partial
 responses are scored after ``prune_at`` tokens and only the top ceil(b * keep / n) are finished.
-Stops once the best complete sample reaches the threshold.
+Stops once the stop rule holds on the complete samples (by default: the best reaches the threshold).
 """
 
 from __future__ import annotations
-
-import math
 
 import sglang as sgl
 
@@ -15,11 +13,9 @@ from sgl_adaptive.config import MethodConfig
 from sgl_adaptive.programs.adaptive_sampling import sample_in_rounds
 from sgl_adaptive.programs.common import ProgramOutcome, ProgramRun, Sample, open_prompt, outcome
 from sgl_adaptive.programs.early_pruning import prune_and_finish
+from sgl_adaptive.rules import round_keep
 
-
-def round_keep(size: int, keep: int, n: int) -> int:
-    """Samples finished in a round of ``size``: the overall keep fraction, at least one."""
-    return max(1, math.ceil(size * keep / n))
+__all__ = ["adaptive_pruning", "round_keep"]
 
 
 @sgl.function

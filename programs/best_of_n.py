@@ -1,4 +1,5 @@
-"""Best-of-N by self-evaluation: fork N samples, score each when finished, return the argmax."""
+"""Best-of-N: fork N samples, score each when finished, return the selector's pick (argmax by default;
+``majority`` reads no score, so the samples are not evaluated)."""
 
 from __future__ import annotations
 
@@ -22,5 +23,6 @@ def best_of_n(s, prompt: str, config: MethodConfig) -> ProgramOutcome:
         open_prompt(run, s, prompt)
         samples = draw_pool(run, s)
         generate(run, samples, config.max_new_tokens)
-        self_evaluate(run, samples)
+        if config.selector_rule().needs_scores:
+            self_evaluate(run, samples)
         return outcome(run, samples)

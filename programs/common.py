@@ -13,10 +13,12 @@ from typing import Any
 
 import sglang as sgl
 
+from sgl_adaptive.answers import extract_number
 from sgl_adaptive.config import MethodConfig
 from sgl_adaptive.costs import CostMeter
 from sgl_adaptive.errors import ProgramError, UserError
 from sgl_adaptive.result import Candidate
+from sgl_adaptive.rules import prune_rank
 from sgl_adaptive.schedules import Annealing
 from sgl_adaptive.selfeval import SelfEvalConfig, score_from_meta_info
 
@@ -224,29 +226,36 @@ def self_evaluate(run: ProgramRun, samples: list[Sample]) -> None:
         smp.scores.append((smp.tokens, score_from_meta_info(meta, config).score))
 
 
-def best_index(samples: list[Sample]) -> int:
-    """Highest score among complete samples; ties go to the earliest drawn (lowest temperature first
-    under annealing). Falls back to all samples if none is complete."""
-    pool = [s for s in samples if s.done] or samples
-    scored = [s for s in pool if s.score is not None]
-    if not scored:
-        return pool[0].index
-    best = max(scored, key=lambda s: (s.score, -s.index))
-    return best.index
+def best_index(samples: list[Sample], config: MethodConfig) -> int:
+    """The answer among the complete samples (all samples if none is complete), by the configured
+    selector (``rules.Selector``: argmax of the score by default; ties to the earliest drawn)."""
+    pool = [s.index for s in samples if s.done] or [s.index for s in samples]
+    scores, answers = sample_views(samples)
+    return config.selector_rule().pick(pool, scores, answers)
 
 
-def best_score(samples: list[Sample]) -> float | None:
-    scores = [s.score for s in samples if s.done and s.score is not None]
-    return max(scores) if scores else None
+def sample_views(samples: list[Sample]) -> tuple[list[float | None], list[str | None]]:
+    """Scores and extracted final answers (``extract_number``) indexed by sample index (samples are
+    numbered 0 .. m-1 in draw order); only complete samples have an answer."""
+    size = max((s.index for s in samples), default=-1) + 1
+    scores: list[float | None] = [None] * size
+    answers: list[str | None] = [None] * size
+    for smp in samples:
+        scores[smp.index] = smp.score
+        if smp.done:
+            answers[smp.index] = extract_number(smp.text())
+    return scores, answers
 
 
 def keep_top(samples: list[Sample], k: int) -> list[Sample]:
-    """The ``k`` best-scored samples (ties to the earliest); the others are marked pruned if unfinished."""
-    ranked = sorted(samples, key=lambda s: (-(s.score if s.score is not None else -1.0), s.index))
-    kept = ranked[:k]
-    for smp in ranked[k:]:
-        smp.pruned = not smp.done
-    return sorted(kept, key=lambda s: s.index)
+    """The ``k`` best-scored samples (``rules.prune_rank``); the others are marked pruned if unfinished."""
+    by_index = {smp.index: smp for smp in samples}
+    scores = {smp.index: smp.score for smp in samples}
+    kept = set(prune_rank(sorted(by_index), scores, k))
+    for smp in samples:
+        if smp.index not in kept:
+            smp.pruned = not smp.done
+    return [by_index[i] for i in sorted(kept)]
 
 
 @dataclass
@@ -260,4 +269,4 @@ class ProgramOutcome:
 
 def outcome(run: ProgramRun, samples: list[Sample]) -> ProgramOutcome:
     ordered = sorted(samples, key=lambda s: s.index)
-    return ProgramOutcome([s.to_candidate() for s in ordered], best_index(ordered), run.meter)
+    return ProgramOutcome([s.to_candidate() for s in ordered], best_index(ordered, run.config), run.meter)

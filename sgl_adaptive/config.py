@@ -6,17 +6,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from sgl_adaptive.errors import UserError
+from sgl_adaptive.rules import SELECTORS, STOP_RULES, Selector, StopRule, check_name
 from sgl_adaptive.selfeval import SelfEvalConfig
 
 Method = Literal["greedy", "best-of-n", "adaptive", "prune", "adaptive-prune"]
 METHODS: tuple[str, ...] = ("greedy", "best-of-n", "adaptive", "prune", "adaptive-prune")
-_SAMPLING = {"n", "temperature", "top_p"}
+_SAMPLING = {"n", "temperature", "top_p", "selector", "vote_temperature"}
+_STOPPING = {"threshold", "anneal", "stop", "stop_confidence", "stop_window"}
 METHOD_OPTIONS: dict[str, frozenset[str]] = {
     "greedy": frozenset(),
     "best-of-n": frozenset(_SAMPLING),
-    "adaptive": frozenset({*_SAMPLING, "threshold", "anneal"}),
+    "adaptive": frozenset({*_SAMPLING, *_STOPPING}),
     "prune": frozenset({*_SAMPLING, "prune_at", "keep"}),
-    "adaptive-prune": frozenset({*_SAMPLING, "threshold", "anneal", "prune_at", "keep"}),
+    "adaptive-prune": frozenset({*_SAMPLING, *_STOPPING, "prune_at", "keep"}),
 }
 """The method-specific knobs each method reads (all read ``max_new_tokens`` and ``seed``)."""
 KNOBS: frozenset[str] = frozenset().union(*METHOD_OPTIONS.values())
@@ -41,6 +43,16 @@ class MethodConfig:
     """Temperature annealing over the samples drawn so far (adaptive methods; best-of-n with ``anneal_best_of_n``)."""
     anneal_best_of_n: bool = False
     """Apply the annealing schedule to plain Best-of-N too (a paper ablation)."""
+    selector: str = "argmax"
+    """Which complete sample is the answer: argmax (score), majority or weighted-majority (``rules.py``)."""
+    vote_temperature: float = 0.1
+    """weighted-majority: each sample's vote is the softmax of the scores at this temperature."""
+    stop: str = "threshold"
+    """When adaptive sampling stops: threshold (best score), beta (Adaptive-Consistency) or esc (``rules.py``)."""
+    stop_confidence: float = 0.95
+    """beta: stop once P(the leading answer beats the runner-up) exceeds it."""
+    stop_window: int = 4
+    """esc: stop once this many latest complete samples agree on their answer."""
     seed: int | None = 0
     selfeval: SelfEvalConfig = field(default_factory=SelfEvalConfig)
 
@@ -61,6 +73,26 @@ class MethodConfig:
             raise UserError(f"--top-p must be within (0, 1] (got {self.top_p})")
         if self.anneal not in ("paper", "none"):
             raise UserError(f"--anneal must be 'paper' or 'none' (got {self.anneal!r})")
+        for what, name, valid in (
+            ("selector", self.selector, SELECTORS),
+            ("stop rule", self.stop, STOP_RULES),
+        ):
+            try:
+                check_name(what, name, valid)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+        if self.vote_temperature <= 0:
+            raise UserError(f"--vote-temperature must be > 0 (got {self.vote_temperature})")
+        if not 0.0 < self.stop_confidence < 1.0:
+            raise UserError(f"--stop-confidence must be within (0, 1) (got {self.stop_confidence})")
+        if self.stop_window < 1:
+            raise UserError(f"--stop-window must be at least 1 (got {self.stop_window})")
+
+    def selector_rule(self) -> Selector:
+        return Selector(self.selector, self.vote_temperature)
+
+    def stop_rule(self) -> StopRule:
+        return StopRule(self.stop, self.threshold, self.stop_confidence, self.stop_window)
 
     def check_for(self, method: str) -> None:
         """Checks that depend on the method."""

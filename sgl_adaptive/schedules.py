@@ -1,9 +1,13 @@
-"""Schedules of adaptive sampling: batch sizes, temperature annealing and the stopping rule."""
+"""Schedules of adaptive sampling: batch sizes and temperature annealing (the stop rules are in ``rules.py``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+from sgl_adaptive.rules import ThresholdStop
+
+__all__ = ["Annealing", "ThresholdStop", "batch_sizes"]
 
 
 def batch_sizes(budget: int) -> list[int]:
@@ -37,18 +41,3 @@ class Annealing:
         if self.kind == "none":
             return self.temperature
         return self.temperature * (1.0 - 2.0 ** (-k))
-
-
-@dataclass(frozen=True)
-class ThresholdStop:
-    """Stop drawing once the best self-evaluation score reaches the threshold.
-
-    A threshold of 1.0 never stops early (the paper's convention: the full budget is drawn).
-    """
-
-    threshold: float
-
-    def should_stop(self, best_score: float | None) -> bool:
-        if best_score is None or self.threshold >= 1.0:
-            return False
-        return best_score >= self.threshold

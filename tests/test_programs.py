@@ -219,3 +219,23 @@ def test_the_prompt_prefill_is_metered_once(endless_backend):
     # the prompt once; the assistant-turn opening once (the other forks: one token each, as a server
     # reports a full cache hit); per evaluation the last sampled token + the evaluation turn
     assert r.costs.prefill_tokens == prompt_len + (opened_len - prompt_len) + 3 * 1 + 4 * (suffix + 1)
+
+
+def test_a_majority_vote_without_scores_skips_the_self_evaluation(backend):
+    r = run(PROMPT, backend, "best-of-n", n=4, selector="majority", **SMALL)
+    assert r.costs.self_evals == 0 and all(c.score is None for c in r.candidates)
+    a = run(PROMPT, backend, "adaptive", n=4, selector="majority", stop="esc", **SMALL)
+    assert a.costs.self_evals == 0
+    w = run(PROMPT, backend, "adaptive", n=4, selector="majority", stop="threshold", threshold=1.0, **SMALL)
+    assert w.costs.self_evals == 4  # the threshold rule reads scores
+
+
+def test_the_stop_and_selector_options_belong_to_the_methods_that_read_them():
+    from sgl_adaptive.config import check_options_used
+
+    check_options_used("adaptive", {"stop", "selector", "stop_window"})
+    check_options_used("best-of-n", {"selector", "vote_temperature"})
+    with pytest.raises(UserError, match="--stop is not used by best-of-n"):
+        check_options_used("best-of-n", {"stop"})
+    with pytest.raises(UserError, match="--selector is not used by greedy"):
+        check_options_used("greedy", {"selector"})

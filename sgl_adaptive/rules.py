@@ -1,0 +1,184 @@
+"""The decision rules of every method, each written once: the programs (``programs/``) and the offline
+sweep (``bench/sweep.py``) both call them.
+
+A rule sees plain values: sample indices in draw order, and per-sample sequences (scores, extracted
+answers) indexed by sample index. Ties always go to the earliest-drawn sample (under annealing the
+lowest-temperature one). The schedules (batch sizes, temperature annealing) are in ``schedules.py``.
+
+Selectors (which complete sample is the answer):
+
+- ``argmax``: the highest self-evaluation score (the paper's Best-of-N).
+- ``majority``: the most frequent extracted final answer (self-consistency, Wang et al. 2023,
+  arXiv:2203.11171); ties go to the answer drawn first; the earliest sample holding it is returned.
+- ``weighted-majority``: each sample votes for its answer with weight w_i = exp(s_i / tau) / sum_j
+  exp(s_j / tau) (softmax of the scores s at temperature tau = ``vote_temperature``; a missing score
+  counts as 0); the answer with the largest summed weight wins, ties to the answer drawn first.
+  tau -> 0 approaches argmax, large tau approaches majority.
+
+Both voting selectors fall back to argmax when no sample has an extracted answer.
+
+Stop rules (adaptive sampling, checked after each round on the complete samples drawn so far):
+
+- ``threshold``: the best score reaches ``threshold`` (1.0 never stops; the paper's rule).
+- ``beta``: Adaptive-Consistency's Beta stopping criterion (Aggarwal et al. 2023, "Let's Sample Step
+  by Step", arXiv:2305.11860): with v1 and v2 the counts of the two most frequent answers, stop when
+  P(p1 > p2) > ``stop_confidence``, where p1 / (p1 + p2) ~ Beta(v1 + 1, v2 + 1); that probability is
+  1 - I_0.5(v1 + 1, v2 + 1) = P(Binomial(v1 + v2 + 1, 1/2) <= v1).
+- ``esc``: Early-Stopping Self-Consistency (Li et al. 2024, "Escape Sky-high Cost", arXiv:2401.10480):
+  stop when the last ``stop_window`` complete samples all hold the same extracted answer (a window of
+  zero answer entropy). ESC draws fixed windows; here the window slides over the doubling rounds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeAlias
+
+Scores: TypeAlias = Sequence[float | None] | Mapping[int, float | None]
+"""Scores by sample index (a list over all samples, or a dict over some)."""
+Answers: TypeAlias = Sequence[str | None] | Mapping[int, str | None]
+"""Extracted final answers by sample index (None: no answer, or not complete)."""
+
+SELECTORS: tuple[str, ...] = ("argmax", "majority", "weighted-majority")
+STOP_RULES: tuple[str, ...] = ("threshold", "beta", "esc")
+
+
+def argmax(indices: Iterable[int], values: Scores) -> int:
+    """The index of the highest value; ties to the earliest; None loses; the first index if all are None."""
+    indices = list(indices)
+    scored = [i for i in indices if values[i] is not None]
+    if not scored:
+        return indices[0]
+    return max(scored, key=lambda i: (values[i], -i))
+
+
+def prune_rank(indices: Iterable[int], scores: Scores, keep: int) -> list[int]:
+    """The ``keep`` best-scored of ``indices`` (ties to the earliest, a missing score ranks as -1), in
+    draw order: the samples early pruning continues."""
+    ranked = sorted(indices, key=lambda i: (-(scores[i] if scores[i] is not None else -1.0), i))
+    return sorted(ranked[:keep])
+
+
+def round_keep(size: int, keep: int, n: int) -> int:
+    """Samples continued in a pruned round of ``size``: the overall keep fraction ``keep / n``, at least one."""
+    return max(1, math.ceil(size * keep / n))
+
+
+def vote(answers: Sequence[str | None], weights: Sequence[float] | None = None) -> str | None:
+    """The answer with the largest total weight (1 per sample without ``weights``); ties to the answer
+    that appears first; None answers do not vote; None if no sample has an answer."""
+    totals: dict[str, float] = {}
+    for i, answer in enumerate(answers):
+        if answer is not None:
+            totals[answer] = totals.get(answer, 0.0) + (1.0 if weights is None else weights[i])
+    if not totals:
+        return None
+    top = max(totals.values())
+    return next(a for a in totals if totals[a] == top)  # dicts keep first-appearance order
+
+
+def score_weights(scores: Sequence[float | None], temperature: float) -> list[float]:
+    """Softmax of the scores at ``temperature`` (a missing score counts as 0)."""
+    values = [(s if s is not None else 0.0) / temperature for s in scores]
+    top = max(values, default=0.0)
+    exps = [math.exp(v - top) for v in values]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Picks the answer among complete samples (see the module docstring for each kind)."""
+
+    kind: str = "argmax"
+    vote_temperature: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_name("selector", self.kind, SELECTORS)
+        if self.vote_temperature <= 0:
+            raise ValueError(f"the vote temperature must be > 0 (got {self.vote_temperature})")
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.kind != "majority"
+
+    def pick(self, indices: Iterable[int], scores: Scores, answers: Answers) -> int:
+        indices = list(indices)
+        if self.kind == "argmax":
+            return argmax(indices, scores)
+        weights = None
+        if self.kind == "weighted-majority":
+            weights = score_weights([scores[i] for i in indices], self.vote_temperature)
+        winner = vote([answers[i] for i in indices], weights)
+        if winner is None:
+            return argmax(indices, scores)
+        return next(i for i in indices if answers[i] == winner)
+
+
+def majority_confidence(top: int, second: int) -> float:
+    """Adaptive-Consistency's P(p1 > p2) under p1 / (p1 + p2) ~ Beta(top + 1, second + 1), exactly:
+    P(Binomial(top + second + 1, 1/2) <= top)."""
+    trials = top + second + 1
+    return sum(math.comb(trials, j) for j in range(top + 1)) / 2**trials
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When adaptive sampling stops drawing (see the module docstring for each kind)."""
+
+    kind: str = "threshold"
+    threshold: float = 0.98
+    confidence: float = 0.95
+    window: int = 4
+
+    def __post_init__(self) -> None:
+        check_name("stop rule", self.kind, STOP_RULES)
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.kind == "threshold"
+
+    def should_stop(self, complete: Iterable[int], scores: Scores, answers: Answers) -> bool:
+        """Decide on the ``complete`` samples drawn so far (indices in draw order)."""
+        complete = list(complete)
+        if self.kind == "threshold":
+            present = [scores[i] for i in complete if scores[i] is not None]
+            return ThresholdStop(self.threshold).should_stop(max(present, default=None))
+        if self.kind == "beta":
+            counts = sorted(_counts(answers[i] for i in complete).values(), reverse=True)
+            if not counts:
+                return False
+            return majority_confidence(counts[0], counts[1] if len(counts) > 1 else 0) > self.confidence
+        last = [answers[i] for i in complete[-self.window :]]
+        return len(last) >= self.window and last[0] is not None and all(a == last[0] for a in last)
+
+
+@dataclass(frozen=True)
+class ThresholdStop:
+    """Stop drawing once the best self-evaluation score reaches the threshold.
+
+    A threshold of 1.0 never stops early (the paper's convention: the full budget is drawn).
+    """
+
+    threshold: float
+
+    def should_stop(self, best_score: float | None) -> bool:
+        if best_score is None or self.threshold >= 1.0:
+            return False
+        return best_score >= self.threshold
+
+
+def _counts(answers: Iterable[str | None]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for a in answers:
+        if a is not None:
+            counts[a] = counts.get(a, 0) + 1
+    return counts
+
+
+def check_name(what: str, name: str, valid: Sequence[str]) -> None:
+    """A one-line error naming the valid choices (a ``ValueError``; ``MethodConfig`` raises a ``UserError``)."""
+    if name not in valid:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(valid)}")

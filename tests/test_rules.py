@@ -1,0 +1,118 @@
+"""The decision rules (``sgl_adaptive.rules``) on hand-computable pools."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sgl_adaptive.config import MethodConfig
+from sgl_adaptive.errors import UserError
+from sgl_adaptive.rules import (
+    Selector,
+    StopRule,
+    argmax,
+    majority_confidence,
+    prune_rank,
+    round_keep,
+    score_weights,
+    vote,
+)
+
+
+def test_argmax_ties_go_to_the_earliest_and_none_loses():
+    assert argmax([0, 1, 2], [0.7, 0.9, 0.9]) == 1
+    assert argmax([0, 1, 2], [None, 0.1, None]) == 1
+    assert argmax([2, 3], [0.9, 0.9, None, None]) == 2  # all None: the first index given
+    assert argmax([1, 2], {1: 0.4, 2: 0.5}) == 2
+
+
+def test_prune_rank_keeps_the_best_in_draw_order():
+    scores = [0.5, 0.9, None, 0.9, 0.6]
+    assert prune_rank(range(5), scores, 2) == [1, 3]
+    assert prune_rank(range(5), scores, 3) == [1, 3, 4]
+    assert prune_rank([0, 2], scores, 1) == [0]  # a missing score ranks as -1
+    assert prune_rank([3, 1], scores, 1) == [1]  # tie: the earliest drawn
+
+
+def test_round_keep_is_the_keep_fraction_at_least_one():
+    assert [round_keep(size, 4, 16) for size in (1, 1, 2, 4, 8)] == [1, 1, 1, 1, 2]
+    assert round_keep(3, 2, 4) == 2
+
+
+def test_vote_counts_ties_to_the_first_answer_and_skips_none():
+    assert vote(["3", "5", "5", None]) == "5"
+    assert vote(["3", "5"]) == "3"
+    assert vote([None, None]) is None
+    assert vote(["3", "5", "5"], [0.6, 0.3, 0.2]) == "3"  # 0.6 > 0.5
+    assert vote(["3", "5", "5"], [0.4, 0.3, 0.2]) == "5"  # 0.4 < 0.5
+
+
+def test_score_weights_are_a_softmax():
+    w = score_weights([1.0, 0.0], 1.0)
+    assert w == pytest.approx([math.e / (math.e + 1), 1 / (math.e + 1)])
+    assert score_weights([0.5, None], 0.1) == pytest.approx([1 / (1 + math.exp(-5)), 1 / (1 + math.exp(5))])
+
+
+def test_selectors_on_one_pool():
+    scores = [0.99, 0.2, 0.3, 0.25]
+    answers = ["7", "9", "9", None]
+    assert Selector("argmax").pick(range(4), scores, answers) == 0
+    assert Selector("majority").pick(range(4), scores, answers) == 1  # "9" twice: its earliest sample
+    # tau = 0.1: exp(9.9) outweighs exp(2) + exp(3); tau = 10: weights near uniform, two votes win
+    assert Selector("weighted-majority", 0.1).pick(range(4), scores, answers) == 0
+    assert Selector("weighted-majority", 10.0).pick(range(4), scores, answers) == 1
+    assert Selector("majority").pick([0, 3], scores, answers) == 0
+    assert Selector("majority").pick([3], scores, [None] * 4) == 3  # no answer: argmax fallback
+    assert Selector("majority").pick([1, 2], scores, [None] * 4) == 2
+
+
+def test_majority_confidence_is_the_beta_tail():
+    assert majority_confidence(1, 0) == 0.75
+    assert majority_confidence(3, 0) == 15 / 16
+    assert majority_confidence(4, 0) == 31 / 32
+    assert majority_confidence(2, 1) == 11 / 16
+    assert majority_confidence(4, 1) == 57 / 64
+    # against P(x > 1/2) for x ~ Beta(5, 3), integrated numerically
+    a, b, steps = 5, 3, 20000
+    norm = math.gamma(a + b) / (math.gamma(a) * math.gamma(b))
+    xs = [0.5 + (i + 0.5) / (2 * steps) for i in range(steps)]
+    tail = sum(norm * x ** (a - 1) * (1 - x) ** (b - 1) for x in xs) / (2 * steps)
+    assert majority_confidence(4, 2) == pytest.approx(tail, abs=1e-6)
+
+
+def test_beta_stop_needs_four_agreeing_answers_at_95_percent():
+    rule = StopRule("beta", confidence=0.95)
+    scores = [None] * 6
+    assert not rule.should_stop(range(3), scores, ["4", "4", "4"])  # 15/16 = 0.9375
+    assert rule.should_stop(range(4), scores, ["4", "4", "4", "4"])  # 31/32
+    assert not rule.should_stop(range(5), scores, ["4", "4", "5", "4", "4"])  # 57/64
+    assert not rule.should_stop(range(2), scores, [None, None])
+    assert rule.should_stop([0, 1, 2, 4], scores, ["4", "4", "4", "5", "4"])  # only the complete ones
+
+
+def test_esc_stops_when_the_last_window_agrees():
+    rule = StopRule("esc", window=3)
+    scores = [None] * 5
+    assert rule.should_stop(range(4), scores, ["1", "2", "2", "2"])
+    assert not rule.should_stop(range(4), scores, ["2", "2", "1", "2"])
+    assert not rule.should_stop(range(2), scores, ["2", "2"])  # fewer than a window
+    assert not rule.should_stop(range(3), scores, [None, None, None])
+
+
+def test_threshold_stop_reads_the_best_complete_score():
+    rule = StopRule("threshold", threshold=0.9)
+    assert rule.should_stop([0, 1], [0.5, 0.95, 0.99], [None] * 3)
+    assert not rule.should_stop([0, 2], [0.5, 0.95, None], [None] * 3)
+    assert not StopRule("threshold", threshold=1.0).should_stop([0], [1.0], [None])
+
+
+def test_unknown_names_are_one_line_errors_listing_the_choices():
+    with pytest.raises(UserError, match="unknown selector 'best'; choose one of argmax, majority, weighted"):
+        MethodConfig(selector="best")
+    with pytest.raises(UserError, match="unknown stop rule 'never'; choose one of threshold, beta, esc"):
+        MethodConfig(stop="never")
+    with pytest.raises(UserError, match="--stop-window"):
+        MethodConfig(stop_window=0)
+    with pytest.raises(ValueError, match="unknown selector"):
+        Selector("best")
