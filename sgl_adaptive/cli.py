@@ -11,6 +11,7 @@ from rich.console import Console
 from sgl_adaptive.cli_options import DeviceOption, DtypeOption
 from sgl_adaptive.config import KNOBS, METHODS, MethodConfig, check_options_used
 from sgl_adaptive.errors import ProgramError, UserError
+from sgl_adaptive.rules import SELECTORS, STOP_RULES
 from sgl_adaptive.runner import check_device, check_dtype, load_backend, read_prompt, run
 
 app = typer.Typer(
@@ -74,6 +75,19 @@ def run_command(
     ] = 0.7,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     anneal: Annotated[str, typer.Option(help="Temperature annealing: paper or none.")] = "paper",
+    selector: Annotated[
+        str, typer.Option(help=f"Which sample answers: {', '.join(SELECTORS)}.", metavar="NAME")
+    ] = "argmax",
+    vote_temperature: Annotated[
+        float, typer.Option(help="weighted-majority: softmax temperature of the scores.")
+    ] = 0.1,
+    stop: Annotated[
+        str, typer.Option(help=f"When adaptive sampling stops: {', '.join(STOP_RULES)}.", metavar="NAME")
+    ] = "threshold",
+    stop_confidence: Annotated[
+        float, typer.Option(help="beta: stop once P(leading answer stays ahead) exceeds it.")
+    ] = 0.95,
+    stop_window: Annotated[int, typer.Option(help="esc: stop once this many last answers agree.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the in-process backend.")] = 0,
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
@@ -94,6 +108,11 @@ def run_command(
             temperature=temperature,
             top_p=top_p,
             anneal=anneal,  # type: ignore[arg-type]
+            selector=selector,
+            vote_temperature=vote_temperature,
+            stop=stop,
+            stop_confidence=stop_confidence,
+            stop_window=stop_window,
             seed=seed,
         )
         config.check_for(method)

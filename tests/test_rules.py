@@ -116,3 +116,23 @@ def test_unknown_names_are_one_line_errors_listing_the_choices():
         MethodConfig(stop_window=0)
     with pytest.raises(ValueError, match="unknown selector"):
         Selector("best")
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--selector", "best"], ["unknown selector 'best'", "argmax, majority, weighted-majority"]),
+        (["--stop", "never"], ["unknown stop rule 'never'", "threshold, beta, esc"]),
+        (["--method", "best-of-n", "--stop", "beta"], ["--stop is not used by best-of-n"]),
+        (["--stop-confidence", "1.5"], ["--stop-confidence must be within (0, 1)"]),
+    ],
+)
+def test_the_cli_refuses_unknown_rules_in_one_line(args, needles):
+    from typer.testing import CliRunner
+
+    from sgl_adaptive.cli import app
+
+    res = CliRunner().invoke(app, ["run", "What is 2 + 3?", *args], env={"COLUMNS": "300"})
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert all(n in lines[0] for n in needles), res.output
