@@ -397,3 +397,15 @@ def test_pick_rows_takes_a_longest_row_of_64_mod_128():
     chosen = pick_rows(lengths, 3)
     assert lengths[chosen[0]] == 320 and len(chosen) == 3 and all(lengths[i] < 320 for i in chosen[1:])
     assert pick_rows([10, 20], 2) == []
+
+
+def test_train_json_stdout_is_one_object(tiny_model_dir, tiny_data, tmp_path):
+    """The Trainer's loss lines and progress go to stderr: ``--json`` prints exactly one JSON object."""
+    res = runner.invoke(
+        app,
+        ["finetune", "train", "--model", str(tiny_model_dir), "--data", str(tiny_data), "--out",
+         str(tmp_path / "o"), "--max-steps", "2", "--logging-steps", "1", "--heldout-limit", "0", "--json"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["steps"] == 2
+    assert "'loss'" in res.stderr

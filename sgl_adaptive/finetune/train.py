@@ -16,9 +16,11 @@ step, before the optimizer applies it; export refuses non-finite weights. Nothin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -491,7 +493,8 @@ def _train_and_export(
         callbacks=[_finite_gradient_guard()],
     )
     try:
-        with training_attention_kernels():
+        # the Trainer's progress and loss lines go to stderr: stdout is the report (``--json``)
+        with training_attention_kernels(), contextlib.redirect_stdout(sys.stderr):
             result = trainer.train()
     finally:
         shutil.rmtree(out / "trainer", ignore_errors=True)
