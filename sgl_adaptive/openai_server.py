@@ -57,6 +57,8 @@ class ServerOptions:
     """Queue wait and run together; past it the request is answered 504 (the run still ends normally)."""
     heartbeat_s: float = 15.0
     """A streamed response sends an SSE comment at least this often while the method runs."""
+    read_timeout_s: float = 60.0
+    """A client must send its request within this time (then 408, or the connection is closed)."""
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -195,7 +197,8 @@ class OpenAIServer(ThreadingHTTPServer):
 
     def stop(self, grace_s: float | None = None) -> bool:
         """Refuse new requests (503), wait up to ``grace_s`` (default: the request timeout) for those in
-        flight and their runs, then close. True when everything finished in time."""
+        flight and their runs, then close. True when everything finished in time. (The server must be
+        serving, as ``serve_openai`` starts it: ``shutdown`` waits for ``serve_forever`` to return.)"""
         self.draining = True
         deadline = time.monotonic() + (self.options.request_timeout_s if grace_s is None else grace_s)
         while not self._drained() and time.monotonic() < deadline:
@@ -259,7 +262,10 @@ class _ClientGone(Exception):
 class _Handler(BaseHTTPRequestHandler):
     server: OpenAIServer
     protocol_version = "HTTP/1.0"  # one request per connection: nothing idles on keep-alive at shutdown
-    timeout = 60  # seconds to receive a request
+
+    def setup(self) -> None:
+        self.timeout = self.server.options.read_timeout_s  # socket timeout while the request arrives
+        super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per request, written by _handle
@@ -454,6 +460,13 @@ class _Handler(BaseHTTPRequestHandler):
             )
         try:
             return json.loads(self.rfile.read(length) or b"null")
+        except TimeoutError:
+            raise ApiError(
+                408,
+                "the request body did not arrive in time",
+                type="invalid_request_error",
+                code="request_timeout",
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise bad_request("the request body is not valid JSON", code="invalid_json") from None
 

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -302,6 +303,14 @@ def test_openai_client_sees_400_404_and_413(servers, backend):
         assert error["code"] == "context_length_exceeded" and "context" in error["message"]
     assert post(server, b"{not json")[0] == 400
     assert get(server, "/v1/nothing")[0] == 404
+
+
+def test_a_body_that_never_arrives_is_408(servers, backend):
+    server = servers.start(backend, read_timeout_s=0.5)
+    with socket.create_connection(server.server_address[:2], timeout=30) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        answer = conn.makefile("rb").read().decode()
+    assert answer.startswith("HTTP/1.0 408") and '"code": "request_timeout"' in answer
 
 
 @pytest.mark.parametrize(
