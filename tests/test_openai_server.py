@@ -225,6 +225,9 @@ def test_extra_body_options_reach_the_method(servers, backend):
         "sgl_adaptive"
     ]
     assert adaptive["samples"] == 1 and adaptive["config"]["threshold"] == 0.0  # stops after the first sample
+    rules = chat(client, max_tokens=4, method="adaptive", samples=2, selector="majority", stop_rule="esc",
+                 stop_window=2).model_extra["sgl_adaptive"]["config"]  # fmt: skip
+    assert (rules["selector"], rules["stop"], rules["stop_window"]) == ("majority", "esc", 2)
     greedy = chat(client, max_tokens=4, method="greedy").model_extra["sgl_adaptive"]
     assert greedy["method"] == "greedy" and greedy["self_evals"] == 0
 
