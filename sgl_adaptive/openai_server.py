@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import queue
-import re
 import sys
 import threading
 import time
@@ -39,8 +38,6 @@ from sgl_adaptive.openai_protocol import (
 from sgl_adaptive.runner import run
 
 MAX_BODY_BYTES = 8 << 20
-_CONTEXT_OVERFLOW = re.compile(r"model's (maximum )?context|context length", re.IGNORECASE)
-"""An SGLang server (or ``http_server``) refusing a prompt over the context says so in these words."""
 
 Log = Callable[[str], None]
 
@@ -118,9 +115,7 @@ def api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     message = str(exc)
-    if isinstance(exc, PromptTooLongError) or (
-        isinstance(exc, BackendUnavailableError) and _CONTEXT_OVERFLOW.search(message)
-    ):
+    if isinstance(exc, PromptTooLongError):  # the endpoint backend raises it on the server's refusal too
         return ApiError(
             413, message, type="invalid_request_error", param="messages", code="context_length_exceeded"
         )

@@ -13,7 +13,7 @@ import pytest
 from sgl_adaptive import run
 from sgl_adaptive.backends.endpoint import SGLangEndpoint
 from sgl_adaptive.backends.http_server import serve
-from sgl_adaptive.errors import BackendUnavailableError
+from sgl_adaptive.errors import BackendUnavailableError, PromptTooLongError
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,8 @@ def test_unreachable_server_is_a_one_line_error():
 
 
 def test_server_errors_surface_from_the_program(server, backend):
+    """A prompt over the context is the library's PromptTooLongError through a server too (the OpenAI
+    front answers it 413); other refusals stay BackendUnavailableError."""
     endpoint = SGLangEndpoint(url(server))
-    with pytest.raises(BackendUnavailableError, match="rejected"):
+    with pytest.raises(PromptTooLongError, match="refused the prompt.*context"):
         run("seven " * (backend.context_length + 5), endpoint, "best-of-n", n=2, max_new_tokens=4)

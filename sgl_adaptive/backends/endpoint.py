@@ -10,6 +10,7 @@ connection and server errors become one-line ``BackendUnavailableError``s.
 
 from __future__ import annotations
 
+import re
 import urllib.error
 from typing import Any
 
@@ -25,7 +26,7 @@ except ImportError:  # pragma: no cover
 
 from sgl_adaptive.chat_template import chat_template_for
 from sgl_adaptive.costs import ModelShape
-from sgl_adaptive.errors import BackendUnavailableError
+from sgl_adaptive.errors import BackendUnavailableError, PromptTooLongError
 from sgl_adaptive.selfeval import SelfEvalConfig, answer_token_ids
 
 _LOGPROB_FIELDS = ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")
@@ -104,10 +105,16 @@ class SGLangEndpoint(RuntimeEndpoint):
                 f"lost the SGLang server at {self.base_url}: {_first_line(exc)}"
             ) from exc
         except RuntimeError as exc:
+            if _CONTEXT_OVERFLOW.search(str(exc)):
+                raise PromptTooLongError(f"the SGLang server refused the prompt: {_first_line(exc)}") from exc
             raise BackendUnavailableError(
                 f"the SGLang server rejected a request: {_first_line(exc)}"
             ) from exc
         return obj["text"], obj["meta_info"]
+
+
+_CONTEXT_OVERFLOW = re.compile(r"model's (maximum )?context|context length", re.IGNORECASE)
+"""How an SGLang server (and ``http_server``) words a refusal of a prompt longer than the context."""
 
 
 def _first_line(exc: BaseException) -> str:
