@@ -27,7 +27,7 @@ from sgl_adaptive.errors import UserError
 
 from .datasets import Dataset, Item, answer_key, grade, load_dataset_items
 from .judge import DEFAULT_JUDGE_PROMPT, judge_config
-from .methods import METHODS, PRUNING, LiveContext, costs_dict, label, live_jobs, run_live
+from .methods import LIVE_ONLY, METHODS, PRUNING, LiveContext, costs_dict, label, live_jobs, run_live
 from .store import JsonlStore, config_hash
 from .sweep import Pool, PoolSample, sample_counts, simulate, sweep_grid
 
@@ -95,12 +95,16 @@ def validate(opts: BenchOptions) -> Plan:
         raise UserError(f"--mode must be live or sweep (got {opts.mode!r})")
     methods = list(dict.fromkeys(m.strip() for m in opts.methods if m.strip()))
     if methods == ["all"]:
-        methods = list(METHODS)
+        methods = [m for m in METHODS if opts.mode == "live" or m not in LIVE_ONLY]
     if not methods:
         raise UserError("--methods is empty")
     for m in methods:
         if m not in METHODS:
             raise UserError(f"unknown method {m!r}; choose from {', '.join(METHODS)} (or all)")
+        if m in LIVE_ONLY and opts.mode == "sweep":
+            raise UserError(
+                f"{m} changes the sampling temperatures: live mode only (a sweep replays one pool)"
+            )
     for name, value in (
         ("--n", opts.n),
         ("--max-new-tokens", opts.max_new_tokens),

@@ -1,6 +1,7 @@
 """The benchmarked methods: names, their configurations, and live runs of the library's programs.
 
-``greedy``, ``best-of-n``, ``adaptive``, ``prune`` and ``adaptive-prune`` are ``sgl_adaptive.run``.
+``greedy``, ``best-of-n``, ``adaptive``, ``prune`` and ``adaptive-prune`` are ``sgl_adaptive.run``, and so
+are the ``VARIANTS`` (those methods with fixed rules, or the paper's ablations).
 ``judge-best-of-n`` is the best-of-n program with a zero-shot judge as the scorer. ``majority``,
 ``oracle`` and ``rm-best-of-n`` draw N unscored samples with ``sample_pool(evaluate=False)``; within
 one question they share that draw (same program, same seed: the samples and costs of separate
@@ -32,13 +33,37 @@ METHODS: tuple[str, ...] = (
     "judge-best-of-n",
     "majority",
     "oracle",
+    "weighted-majority",
     "adaptive",
+    "adaptive-consistency",
+    "esc",
     "prune",
     "adaptive-prune",
+    "adaptive-no-anneal",
+    "best-of-n-anneal",
+    "random-prune",
 )
-PRUNING = ("prune", "adaptive-prune")
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "weighted-majority": ("best-of-n", {"selector": "weighted-majority", "vote_temperature": 0.1}),
+    "adaptive-consistency": ("adaptive", {"selector": "majority", "stop": "beta", "stop_confidence": 0.95}),
+    "esc": ("adaptive", {"selector": "majority", "stop": "esc", "stop_window": 4}),
+    "adaptive-no-anneal": ("adaptive", {"anneal": "none"}),
+    "best-of-n-anneal": ("best-of-n", {"anneal_best_of_n": True}),
+    "random-prune": ("prune", {"prune_by": "random"}),
+}
+"""Bench methods that are a library method with fixed rules (``sgl_adaptive.rules``), or one of the
+paper's ablations (no annealing, annealing on plain Best-of-N, random pruning): the base method and
+the fields its configurations add."""
+LIVE_ONLY = ("adaptive-no-anneal", "best-of-n-anneal")
+"""Ablations that change the sampling temperatures: a sweep replays one drawn pool, so live mode only."""
+PRUNING = ("prune", "adaptive-prune", "random-prune")
 PLAIN_POOL = ("majority", "oracle", "rm-best-of-n")
 """Methods that select among N unscored samples."""
+
+
+def base_method(method: str) -> str:
+    """The library method (``sgl_adaptive.run``) a bench method runs, or the method itself."""
+    return VARIANTS[method][0] if method in VARIANTS else method
 
 
 def label(method: str, config: dict[str, Any]) -> str:
@@ -66,25 +91,35 @@ def live_jobs(
     common = {k: base[k] for k in ("n", "max_new_tokens", "temperature", "top_p", "seed")}
     jobs: list[tuple[str, dict[str, Any]]] = []
     for method in methods:
-        if method == "greedy":
-            jobs.append((method, {"max_new_tokens": base["max_new_tokens"]}))
-        elif method in ("best-of-n", "majority", "oracle"):
-            jobs.append((method, dict(common)))
-        elif method == "rm-best-of-n":
-            jobs.append((method, {**common, "reward_model": reward_model}))
-        elif method == "judge-best-of-n":
-            jobs.append((method, {**common, "judge_prompt": judge_prompt}))
-        elif method == "adaptive":
-            jobs += [(method, {**common, "anneal": base["anneal"], "threshold": t}) for t in thresholds]
-        elif method == "prune":
-            jobs += [(method, {**common, "prune_at": b, "keep": k}) for b in prune_ats for k in keeps]
-        elif method == "adaptive-prune":
-            jobs += [
-                (method, {**common, "anneal": base["anneal"], "threshold": t, "prune_at": b, "keep": k})
+        extra = VARIANTS[method][1] if method in VARIANTS else {}
+        kind = base_method(method)
+        if kind == "adaptive" and extra.get("stop", "threshold") != "threshold":
+            thresholds_read: list[float | None] = [None]  # the stop rule reads no threshold
+        else:
+            thresholds_read = list(thresholds)
+        configs: list[dict[str, Any]] = []
+        if kind == "greedy":
+            configs.append({"max_new_tokens": base["max_new_tokens"]})
+        elif kind in ("best-of-n", "majority", "oracle"):
+            configs.append(dict(common))
+        elif kind == "rm-best-of-n":
+            configs.append({**common, "reward_model": reward_model})
+        elif kind == "judge-best-of-n":
+            configs.append({**common, "judge_prompt": judge_prompt})
+        elif kind == "adaptive":
+            configs += [{**common, "anneal": base["anneal"], "threshold": t} for t in thresholds_read]
+        elif kind == "prune":
+            configs += [{**common, "prune_at": b, "keep": k} for b in prune_ats for k in keeps]
+        elif kind == "adaptive-prune":
+            configs += [
+                {**common, "anneal": base["anneal"], "threshold": t, "prune_at": b, "keep": k}
                 for t in thresholds
                 for b in prune_ats
                 for k in keeps
             ]
+        for config in configs:
+            config = {k: v for k, v in {**config, **extra}.items() if v is not None}
+            jobs.append((method, config))
     return jobs
 
 
@@ -176,7 +211,7 @@ def run_live(ctx: LiveContext, item: Item, method: str, config: dict[str, Any]) 
             cfg = method_config(config, ctx.seed, ctx.judge_selfeval)
             result = run_program(PROGRAMS["best-of-n"], item.prompt, ctx.backend, cfg, name=method)
         else:
-            result = run(item.prompt, ctx.backend, method, method_config(config, ctx.seed))
+            result = run(item.prompt, ctx.backend, base_method(method), method_config(config, ctx.seed))
         chosen, scores = result.best, [c.score for c in result.candidates]
     return outcome_fields(
         ctx, item, result, chosen, scores, costs_dict(result.costs, rm_tokens, rm_flops, rm_wall)

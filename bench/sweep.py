@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sgl_adaptive.costs import CostMeter, Costs, ModelShape, RequestKind
-from sgl_adaptive.rules import Selector, StopRule, argmax, prune_rank, round_keep
+from sgl_adaptive.rules import Selector, StopRule, argmax, pruned_keep, round_keep
 from sgl_adaptive.schedules import batch_sizes
+
+from .methods import LIVE_ONLY, VARIANTS, base_method
 
 ARGMAX = Selector("argmax")
 
@@ -250,17 +252,23 @@ def adaptive(
     return tally.outcome(chosen, drawn, finals[chosen])
 
 
-def _prune_round(pool: Pool, tally: Tally, indices: list[int], budget: int, keep: int) -> list[int]:
-    """Generate ``indices`` to ``budget``, score, finish the top ``keep`` (``prune_rank``); return the
-    eligible samples (those finished by the budget, and the continued ones)."""
+def _prune_round(
+    pool: Pool, tally: Tally, indices: list[int], budget: int, keep: int, by: str = "score", seed: int = 0
+) -> list[int]:
+    """Generate ``indices`` to ``budget``, score, finish the ``keep`` that ``pruned_keep`` keeps (best
+    scored, or random: then only the samples complete by the budget are scored); return the eligible
+    samples (those finished by the budget, and the continued ones)."""
     samples = pool.samples
     first = {i: min(samples[i].tokens, budget) for i in indices}
+    at_budget: dict[int, float | None] = {}
     for i in indices:
         tally.sample(first[i])
-        tally.evaluate(first[i])
+        if by == "score" or samples[i].done_by(budget):
+            tally.evaluate(first[i])
+            at_budget[i] = samples[i].score_at(budget)
     tally.batch(len(indices), max(first.values()))
-    at_budget = {i: samples[i].score_at(budget) for i in indices}
-    continued = [i for i in prune_rank(indices, at_budget, keep) if not samples[i].done_by(budget)]
+    kept = pruned_keep(indices, {i: at_budget.get(i) for i in indices}, keep, by, seed)
+    continued = [i for i in kept if not samples[i].done_by(budget)]
     for i in continued:
         tally.sample(max(samples[i].tokens - budget, 0), start=budget)
         tally.evaluate(samples[i].tokens)
@@ -269,14 +277,16 @@ def _prune_round(pool: Pool, tally: Tally, indices: list[int], budget: int, keep
     return sorted({i for i in indices if samples[i].done_by(budget)} | set(continued))
 
 
-def prune(pool: Pool, budget: int, keep: int, selector: Selector = ARGMAX) -> Outcome:
-    """Early pruning of all N samples at ``budget`` tokens, keeping ``keep``; ``selector`` picks among the
-    complete ones."""
+def prune(
+    pool: Pool, budget: int, keep: int, selector: Selector = ARGMAX, by: str = "score", seed: int = 0
+) -> Outcome:
+    """Early pruning of all N samples at ``budget`` tokens, keeping ``keep`` (best scored, or random);
+    ``selector`` picks among the complete ones."""
     if not 1 <= keep <= pool.n:
         raise ValueError(f"keep must be within 1..{pool.n} (got {keep})")
     tally = Tally(pool)
     drawn = list(range(pool.n))
-    eligible = _prune_round(pool, tally, drawn, budget, keep)
+    eligible = _prune_round(pool, tally, drawn, budget, keep, by, seed)
     finals = _finals(pool)
     chosen = selector.pick(eligible, finals, _answers(pool))
     return tally.outcome(chosen, drawn, finals[chosen])
@@ -289,6 +299,8 @@ def adaptive_prune(
     keep: int,
     stop: StopRule | None = None,
     selector: Selector = ARGMAX,
+    by: str = "score",
+    seed: int = 0,
 ) -> Outcome:
     """Adaptive rounds, each pruned at ``budget`` to ``round_keep(size, keep, N)`` samples."""
     stop = stop or StopRule("threshold", threshold)
@@ -299,7 +311,7 @@ def adaptive_prune(
     eligible: list[int] = []
     for size in batch_sizes(pool.n):
         batch = list(range(len(drawn), len(drawn) + size))
-        eligible += _prune_round(pool, tally, batch, budget, round_keep(size, keep, pool.n))
+        eligible += _prune_round(pool, tally, batch, budget, round_keep(size, keep, pool.n), by, seed)
         drawn += batch
         if stop.should_stop(eligible, finals, answers):
             break
@@ -319,22 +331,27 @@ def rules_of(config: dict[str, Any]) -> tuple[StopRule, Selector]:
 
 
 def simulate(pool: Pool, method: str, config: dict[str, Any]) -> Outcome:
-    """Dispatch one (method, config) of the sweep grid."""
+    """Dispatch one (method, config) of the sweep grid (a ``VARIANTS`` method: its base method, with the
+    rules its configuration names)."""
     stop, selector = rules_of(config)
-    if method == "greedy":
+    kind = base_method(method)
+    by, seed = config.get("prune_by", "score"), config.get("seed", 0)
+    if kind == "greedy":
         return greedy(pool)
-    if method in SCORERS:
-        return best_of(pool, config["n"], SCORERS[method], selector)
-    if method == "majority":
+    if kind in SCORERS:
+        return best_of(pool, config["n"], SCORERS[kind], selector)
+    if kind == "majority":
         return majority(pool, config["n"])
-    if method == "oracle":
+    if kind == "oracle":
         return oracle(pool, config["n"])
-    if method == "adaptive":
+    if kind == "adaptive":
         return adaptive(pool, stop.threshold, stop, selector)
-    if method == "prune":
-        return prune(pool, config["prune_at"], config["keep"], selector)
-    if method == "adaptive-prune":
-        return adaptive_prune(pool, stop.threshold, config["prune_at"], config["keep"], stop, selector)
+    if kind == "prune":
+        return prune(pool, config["prune_at"], config["keep"], selector, by, seed)
+    if kind == "adaptive-prune":
+        return adaptive_prune(
+            pool, stop.threshold, config["prune_at"], config["keep"], stop, selector, by, seed
+        )
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -357,23 +374,32 @@ def sweep_grid(
     combined_keep: int,
 ) -> list[tuple[str, dict[str, Any]]]:
     """Every (method, config) a sweep computes: best-of-k/majority/oracle for k in ``sample_counts``,
-    adaptive at each threshold, pruning at each budget x keep, adaptive + pruning at each threshold
-    with one (budget, keep)."""
+    adaptive at each threshold (once for a stop rule that reads none), pruning at each budget x keep,
+    adaptive + pruning at each threshold with one (budget, keep); a ``VARIANTS`` method as its base
+    method with its fields added. Live-only ablations (``LIVE_ONLY``) have no sweep configuration."""
     grid: list[tuple[str, dict[str, Any]]] = []
     for method in methods:
-        if method == "greedy":
-            grid.append((method, {}))
-        elif method in SCORERS or method in ("majority", "oracle"):
-            grid += [(method, {"n": k}) for k in sample_counts(n)]
-        elif method == "adaptive":
-            grid += [(method, {"n": n, "threshold": t}) for t in thresholds]
-        elif method == "prune":
-            grid += [(method, {"n": n, "prune_at": b, "keep": k}) for b in budgets for k in keeps]
-        elif method == "adaptive-prune":
-            grid += [
-                (method, {"n": n, "threshold": t, "prune_at": combined_budget, "keep": combined_keep})
+        extra = VARIANTS[method][1] if method in VARIANTS else {}
+        kind = base_method(method)
+        configs: list[dict[str, Any]] = []
+        if method in LIVE_ONLY:
+            continue
+        if kind == "greedy":
+            configs.append({})
+        elif kind in SCORERS or kind in ("majority", "oracle"):
+            configs += [{"n": k} for k in sample_counts(n)]
+        elif kind == "adaptive" and extra.get("stop", "threshold") != "threshold":
+            configs.append({"n": n})
+        elif kind == "adaptive":
+            configs += [{"n": n, "threshold": t} for t in thresholds]
+        elif kind == "prune":
+            configs += [{"n": n, "prune_at": b, "keep": k} for b in budgets for k in keeps]
+        elif kind == "adaptive-prune":
+            configs += [
+                {"n": n, "threshold": t, "prune_at": combined_budget, "keep": combined_keep}
                 for t in thresholds
             ]
+        grid += [(method, {**config, **extra}) for config in configs]
     return grid
 
 

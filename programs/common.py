@@ -18,7 +18,7 @@ from sgl_adaptive.config import MethodConfig
 from sgl_adaptive.costs import CostMeter
 from sgl_adaptive.errors import ProgramError, UserError
 from sgl_adaptive.result import Candidate
-from sgl_adaptive.rules import prune_rank
+from sgl_adaptive.rules import pruned_keep
 from sgl_adaptive.schedules import Annealing
 from sgl_adaptive.selfeval import SelfEvalConfig, score_from_meta_info
 
@@ -247,11 +247,12 @@ def sample_views(samples: list[Sample]) -> tuple[list[float | None], list[str | 
     return scores, answers
 
 
-def keep_top(samples: list[Sample], k: int) -> list[Sample]:
-    """The ``k`` best-scored samples (``rules.prune_rank``); the others are marked pruned if unfinished."""
+def keep_top(samples: list[Sample], k: int, config: MethodConfig) -> list[Sample]:
+    """The ``k`` samples early pruning keeps (``rules.pruned_keep``: best scored, or random); the others
+    are marked pruned if unfinished."""
     by_index = {smp.index: smp for smp in samples}
     scores = {smp.index: smp.score for smp in samples}
-    kept = set(prune_rank(sorted(by_index), scores, k))
+    kept = set(pruned_keep(sorted(by_index), scores, k, config.prune_by, config.seed or 0))
     for smp in samples:
         if smp.index not in kept:
             smp.pruned = not smp.done

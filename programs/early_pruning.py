@@ -1,4 +1,5 @@
-"""Early pruning: start N samples, score them after ``prune_at`` tokens, finish only the best ``keep``."""
+"""Early pruning: start N samples, score them after ``prune_at`` tokens, finish only the best ``keep``
+(or, with ``prune_by="random"``, ``keep`` random ones: the paper's ablation)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ from sgl_adaptive.programs.common import (
 def prune_and_finish(run: ProgramRun, samples: list[Sample], keep: int) -> None:
     """Generate the first ``prune_at`` tokens, score the partial responses, continue the top ``keep``
     to the token budget and score them again. Samples that finish before the pruning point are
-    complete: their first score is final."""
-    budget, prune_at = run.config.max_new_tokens, min(run.config.prune_at, run.config.max_new_tokens)
+    complete: their first score is final. Random pruning (``prune_by="random"``) scores only those."""
+    config = run.config
+    budget, prune_at = config.max_new_tokens, min(config.prune_at, config.max_new_tokens)
     generate(run, samples, prune_at)
-    self_evaluate(run, samples)
-    survivors = [smp for smp in keep_top(samples, keep) if not smp.done]
+    self_evaluate(run, samples if config.prune_by == "score" else [smp for smp in samples if smp.done])
+    survivors = [smp for smp in keep_top(samples, keep, config) if not smp.done]
     if survivors:
         generate(run, survivors, budget - prune_at)
         self_evaluate(run, survivors)

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from sgl_adaptive.errors import UserError
-from sgl_adaptive.rules import SELECTORS, STOP_RULES, Selector, StopRule, check_name
+from sgl_adaptive.rules import PRUNE_BY, SELECTORS, STOP_RULES, Selector, StopRule, check_name
 from sgl_adaptive.selfeval import SelfEvalConfig
 
 Method = Literal["greedy", "best-of-n", "adaptive", "prune", "adaptive-prune"]
@@ -17,8 +17,8 @@ METHOD_OPTIONS: dict[str, frozenset[str]] = {
     "greedy": frozenset(),
     "best-of-n": frozenset(_SAMPLING),
     "adaptive": frozenset({*_SAMPLING, *_STOPPING}),
-    "prune": frozenset({*_SAMPLING, "prune_at", "keep"}),
-    "adaptive-prune": frozenset({*_SAMPLING, *_STOPPING, "prune_at", "keep"}),
+    "prune": frozenset({*_SAMPLING, "prune_at", "keep", "prune_by"}),
+    "adaptive-prune": frozenset({*_SAMPLING, *_STOPPING, "prune_at", "keep", "prune_by"}),
 }
 """The method-specific knobs each method reads (all read ``max_new_tokens`` and ``seed``)."""
 KNOBS: frozenset[str] = frozenset().union(*METHOD_OPTIONS.values())
@@ -36,6 +36,8 @@ class MethodConfig:
     """Early pruning: tokens generated before the partial responses are scored."""
     keep: int = 4
     """Early pruning: samples continued after the pruning point (of n)."""
+    prune_by: str = "score"
+    """Early pruning keeps the best-scored samples (score) or random ones (random: the paper's ablation)."""
     max_new_tokens: int = 512
     temperature: float = 0.7
     top_p: float = 1.0
@@ -76,6 +78,7 @@ class MethodConfig:
         for what, name, valid in (
             ("selector", self.selector, SELECTORS),
             ("stop rule", self.stop, STOP_RULES),
+            ("pruning rule", self.prune_by, PRUNE_BY),
         ):
             try:
                 check_name(what, name, valid)

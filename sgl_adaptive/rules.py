@@ -17,6 +17,9 @@ Selectors (which complete sample is the answer):
 
 Both voting selectors fall back to argmax when no sample has an extracted answer.
 
+Pruning keeps the ``keep`` samples best scored at the pruning point (``prune_rank``), or, as the
+paper's ablation, ``keep`` samples drawn at random (``random_rank``; no score is read).
+
 Stop rules (adaptive sampling, checked after each round on the complete samples drawn so far):
 
 - ``threshold``: the best score reaches ``threshold`` (1.0 never stops; the paper's rule).
@@ -32,6 +35,7 @@ Stop rules (adaptive sampling, checked after each round on the complete samples 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -43,6 +47,7 @@ Answers: TypeAlias = Sequence[str | None] | Mapping[int, str | None]
 
 SELECTORS: tuple[str, ...] = ("argmax", "majority", "weighted-majority")
 STOP_RULES: tuple[str, ...] = ("threshold", "beta", "esc")
+PRUNE_BY: tuple[str, ...] = ("score", "random")
 
 
 def argmax(indices: Iterable[int], values: Scores) -> int:
@@ -59,6 +64,22 @@ def prune_rank(indices: Iterable[int], scores: Scores, keep: int) -> list[int]:
     draw order: the samples early pruning continues."""
     ranked = sorted(indices, key=lambda i: (-(scores[i] if scores[i] is not None else -1.0), i))
     return sorted(ranked[:keep])
+
+
+def random_rank(indices: Iterable[int], keep: int, seed: int) -> list[int]:
+    """``keep`` of ``indices`` drawn uniformly at random, in draw order: the random-pruning ablation. The
+    draw is seeded by ``seed`` and the indices, so the programs and the sweep keep the same samples."""
+    indices = list(indices)
+    rng = random.Random(f"{seed}:{indices}")
+    return sorted(rng.sample(indices, min(keep, len(indices))))
+
+
+def pruned_keep(
+    indices: Iterable[int], scores: Scores, keep: int, by: str = "score", seed: int = 0
+) -> list[int]:
+    """The samples early pruning keeps: ranked by score (``prune_rank``) or at random (``random_rank``)."""
+    check_name("pruning rule", by, PRUNE_BY)
+    return prune_rank(indices, scores, keep) if by == "score" else random_rank(indices, keep, seed)
 
 
 def round_keep(size: int, keep: int, n: int) -> int:

@@ -153,9 +153,11 @@ def test_percent_of_maximum_improvement():
 def test_grid_and_simulate_cover_every_method():
     methods = ["greedy", "best-of-n", "rm-best-of-n", "judge-best-of-n", "majority", "oracle"]
     methods += ["adaptive", "prune", "adaptive-prune"]
+    methods += ["weighted-majority", "adaptive-consistency", "esc", "random-prune"]
     grid = sweep_grid(methods, 4, [0.9, 1.0], [8, 16], [1, 2], 8, 1)
     assert sample_counts(4) == [1, 2, 4] and sample_counts(5) == [1, 2, 4, 5]
-    assert len(grid) == 1 + 5 * 3 + 2 + 4 + 2
+    assert len(grid) == 1 + 5 * 3 + 2 + 4 + 2 + (3 + 1 + 1 + 4)
+    assert sweep_grid(["adaptive-no-anneal", "best-of-n-anneal"], 4, [0.9], [8], [1], 8, 1) == []
     for method, config in grid:
         out = simulate(POOL, method, config)
         assert 0 <= out.chosen < 4 and out.costs.flops > 0
@@ -167,3 +169,90 @@ def test_average_samples_and_accuracy_at_a_threshold_over_questions():
     assert sum(r.costs.samples for r in runs) / 2 == 1.5  # 2 samples, then 1
     assert sum(r.quality for r in runs) / 2 == 1.0
     assert sum(r.costs.batches for r in runs) / 2 == 1.5
+
+
+def test_variants_are_their_base_method_with_rules():
+    wm = simulate(
+        POOL, "weighted-majority", {"n": 4, "selector": "weighted-majority", "vote_temperature": 0.1}
+    )
+    # weights exp(s / 0.1): "5" (0.9, 0.95) outweighs "3" (0.55) and "7" (0.3)
+    assert wm.chosen == 1 and wm.costs.self_evals == 4
+    ac = simulate(POOL, "adaptive-consistency", {"n": 4, "selector": "majority", "stop": "beta"})
+    # answers 3, 5, 5, 7: never confident; majority "5", and no sample is self-evaluated
+    assert (ac.chosen, ac.costs.samples, ac.costs.batches, ac.costs.self_evals) == (1, 4, 3, 0)
+
+
+AGREE = Pool(tuple(PoolSample(4, True, ((4, 0.5),), 1.0, "9" if i == 0 else "4") for i in range(16)))
+
+
+@pytest.mark.parametrize(
+    ("config", "samples", "batches"),
+    [
+        ({"stop": "beta"}, 8, 4),  # after 4: 3 vs 1 (26/32); after 8: 7 vs 1 (502/512 > 0.95)
+        ({"stop": "beta", "stop_confidence": 0.8}, 4, 3),  # 26/32 = 0.8125 > 0.8
+        ({"stop": "esc"}, 8, 4),  # the last 4 of 8 agree; of 4 they do not (9, 4, 4, 4)
+        ({"stop": "esc", "stop_window": 2}, 4, 3),
+    ],
+)
+def test_answer_agreement_stops(config, samples, batches):
+    out = simulate(AGREE, "adaptive", {"n": 16, "selector": "majority", **config})
+    assert (out.costs.samples, out.costs.batches, out.costs.self_evals) == (samples, batches, 0)
+    assert out.chosen == 1  # "4", its earliest sample
+
+
+def test_random_pruning_keeps_a_seeded_random_choice_without_scoring_it():
+    from sgl_adaptive.rules import random_rank
+
+    for seed in range(4):
+        out = simulate(
+            POOL, "random-prune", {"n": 4, "prune_at": 8, "keep": 1, "prune_by": "random", "seed": seed}
+        )
+        (kept,) = random_rank(range(4), 1, seed)
+        continued = [] if kept == 3 else [kept]  # sample 3 finished at 6 tokens: complete, scored once
+        assert out.costs.self_evals == 1 + len(continued)
+        assert out.chosen == max([3, *continued], key=lambda i: (POOL.samples[i].final_score, -i))
+    assert {tuple(random_rank(range(8), 2, seed)) for seed in range(10)} != {(0, 1)}
+
+
+def test_live_jobs_of_the_variants():
+    from sgl_adaptive.bench.methods import live_jobs
+
+    base = dict(n=8, max_new_tokens=64, temperature=0.7, top_p=1.0, seed=0, anneal="paper")
+    jobs = live_jobs(
+        ["adaptive", "adaptive-consistency", "adaptive-no-anneal", "best-of-n-anneal", "random-prune"],
+        base,
+        [0.9, 0.98],
+        [16],
+        [2],
+    )
+    by_method: dict[str, list[dict]] = {}
+    for method, config in jobs:
+        by_method.setdefault(method, []).append(config)
+    assert [c["threshold"] for c in by_method["adaptive"]] == [0.9, 0.98]
+    (ac,) = by_method["adaptive-consistency"]
+    assert "threshold" not in ac and (ac["stop"], ac["selector"]) == ("beta", "majority")
+    assert [c["anneal"] for c in by_method["adaptive-no-anneal"]] == ["none", "none"]
+    assert by_method["best-of-n-anneal"][0]["anneal_best_of_n"] is True
+    assert by_method["random-prune"] == [
+        {
+            **{k: base[k] for k in ("n", "max_new_tokens", "temperature", "top_p", "seed")},
+            "prune_at": 16,
+            "keep": 2,
+            "prune_by": "random",
+        }
+    ]
+
+
+def test_live_only_ablations_are_refused_in_a_sweep(tmp_path):
+    from sgl_adaptive.bench.harness import BenchOptions, validate
+    from sgl_adaptive.errors import UserError
+
+    opts = BenchOptions("gsm8k-dev", tmp_path / "out", methods=["adaptive-no-anneal"], mode="sweep")
+    with pytest.raises(
+        UserError, match="adaptive-no-anneal changes the sampling temperatures: live mode only"
+    ):
+        validate(opts)
+    everything = validate(
+        BenchOptions("gsm8k-dev", tmp_path / "out", methods=["all"], mode="sweep", reward_model="rm")
+    )
+    assert "esc" in everything.methods and "best-of-n-anneal" not in everything.methods

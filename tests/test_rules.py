@@ -136,3 +136,18 @@ def test_the_cli_refuses_unknown_rules_in_one_line(args, needles):
     lines = res.output.strip().splitlines()
     assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), res.output
     assert all(n in lines[0] for n in needles), res.output
+
+
+def test_random_pruning_is_seeded_sized_and_in_draw_order():
+    from sgl_adaptive.rules import pruned_keep, random_rank
+
+    picks = [random_rank(range(8), 3, seed) for seed in range(20)]
+    assert all(len(p) == 3 and p == sorted(p) and set(p) <= set(range(8)) for p in picks)
+    assert picks == [random_rank(range(8), 3, seed) for seed in range(20)]  # deterministic
+    assert len({tuple(p) for p in picks}) > 5  # and not one fixed choice
+    assert random_rank([4, 5], 3, 0) == [4, 5]
+    scores = [0.1, 0.9, 0.5]
+    assert pruned_keep(range(3), scores, 1) == [1]
+    assert pruned_keep(range(3), scores, 1, "random", 7) == random_rank(range(3), 1, 7)
+    with pytest.raises(ValueError, match="unknown pruning rule 'loudest'"):
+        pruned_keep(range(3), scores, 1, "loudest")

@@ -99,9 +99,17 @@ def test_the_thresholds_above_stop_at_different_rounds(backend):
     assert early.costs.samples == 1 and mid.costs.samples <= 4 and mid.costs.samples < 8
 
 
-@pytest.mark.parametrize("selector", ["argmax", "majority", "weighted-majority"])
-def test_early_pruning_program_and_sweep_agree(backend, selector):
-    config = dataclasses.replace(BASE, n=6, selector=selector)
+PRUNING_RULES = [
+    dict(selector="argmax"),
+    dict(selector="majority"),
+    dict(selector="weighted-majority"),
+    dict(selector="argmax", prune_by="random"),
+]
+
+
+@pytest.mark.parametrize("rules", PRUNING_RULES, ids=lambda r: "-".join(r.values()))
+def test_early_pruning_program_and_sweep_agree(backend, rules):
+    config = dataclasses.replace(BASE, n=6, **rules)
     pooled = draw_pool(backend, config, budgets=(config.prune_at,))
     live = run(PROMPT, backend, "prune", config)
     # all forks share one temperature: the seeded samples are the same set, not in the same order
@@ -110,15 +118,17 @@ def test_early_pruning_program_and_sweep_agree(backend, selector):
         matches = [i for i, p in enumerate(pooled.candidates) if p.text.startswith(c.text)]
         assert len(matches) == 1
         order += matches
-    sweep = prune(as_pool(pooled, order), config.prune_at, config.keep, config.selector_rule())
+    pool = as_pool(pooled, order)
+    sweep = prune(pool, config.prune_at, config.keep, config.selector_rule(), config.prune_by, config.seed)
     assert live.best == sweep.chosen
-    continued = [i for i, c in enumerate(live.candidates) if len(c.scores) == 2]
-    assert len(continued) <= config.keep
-    assert all(c.pruned == (len(c.scores) == 1 and not c.finished) for c in live.candidates)
+    assert all(c.pruned == (not c.finished and c.tokens < config.max_new_tokens) for c in live.candidates)
+    assert sum(not c.pruned for c in live.candidates) >= config.keep  # the kept, and any finished early
     same_costs(live, sweep)
 
 
-@pytest.mark.parametrize("rules", RULES[:3], ids=lambda r: f"{r['selector']}-{r['stop']}")
+@pytest.mark.parametrize(
+    "rules", [*RULES[:3], dict(selector="argmax", stop="threshold", prune_by="random")], ids=str
+)
 def test_adaptive_pruning_program_and_sweep_agree(backend, rules):
     pooled = draw_pool(backend, dataclasses.replace(BASE, anneal_best_of_n=True), budgets=(BASE.prune_at,))
     for threshold in (0.0, 1.0):
@@ -130,6 +140,8 @@ def test_adaptive_pruning_program_and_sweep_agree(backend, rules):
             config.keep,
             config.stop_rule(),
             config.selector_rule(),
+            config.prune_by,
+            config.seed,
         )
         live = run(PROMPT, backend, "adaptive-prune", config)
         drawn = len(live.candidates)
