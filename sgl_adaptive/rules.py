@@ -12,7 +12,8 @@ Selectors (which complete sample is the answer):
   arXiv:2203.11171); ties go to the answer drawn first; the earliest sample holding it is returned.
 - ``weighted-majority``: each sample votes for its answer with weight w_i = exp(s_i / tau) / sum_j
   exp(s_j / tau) (softmax of the scores s at temperature tau = ``vote_temperature``; a missing score
-  counts as 0); the answer with the largest summed weight wins, ties to the answer drawn first.
+  counts as 0); the answer with the largest summed weight wins, ties to the answer drawn first
+  (verifier-weighted voting as in DiVeRSe, Li et al. 2023, arXiv:2206.02336).
   tau -> 0 approaches argmax, large tau approaches majority.
 
 Both voting selectors fall back to argmax when no sample has an extracted answer.
