@@ -166,9 +166,10 @@ class ProgressBackend:
     """Delegates to a backend and reports, from the requests it sees, each round, sample and score.
 
     Every sample starts from the same text (the prompt and the opened assistant turn): a request for
-    that text is a new sample, and one after a self-evaluation opens a new round. A request that
-    continues a sample's text extends it (pruning); a one-token logprob request is a self-evaluation of
-    the sample whose text it extends."""
+    that text is a new sample, and one after a self-evaluation opens a new round (when the rules read no
+    score, so nothing is evaluated: one while no sample is being generated). A request that continues a
+    sample's text extends it (pruning); a one-token logprob request is a self-evaluation of the sample
+    whose text it extends."""
 
     def __init__(self, backend: Any, config: MethodConfig, report: Progress) -> None:
         self._backend, self._config, self._report = backend, config, report
@@ -180,6 +181,8 @@ class ProgressBackend:
         self._rounds = 0
         self._scored = False
         self._best: float | None = None
+        self._unscored = not (config.selector_rule().needs_scores or config.stop_rule().needs_scores)
+        self._generating = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
@@ -202,9 +205,10 @@ class ProgressBackend:
                 self._start = text
             if text != self._start:
                 return next((i for i, t in enumerate(self._texts) if t == text), None)
-            if self._rounds == 0 or self._scored:
+            if self._rounds == 0 or self._scored or (self._unscored and self._generating == 0):
                 self._rounds, self._scored = self._rounds + 1, False
                 self._report(f"round {self._rounds}: sampling …")
+            self._generating += 1
             self._texts.append(text)
             self._tokens.append(0)
             self._evals.append(0)
@@ -212,6 +216,8 @@ class ProgressBackend:
 
     def _stopped(self, number: int, text: str, meta: dict) -> None:
         with self._lock:
+            if self._texts[number] == self._start:
+                self._generating -= 1  # the sample's first request (not a continuation after pruning)
             self._texts[number] = text
             self._tokens[number] += int(meta.get("completion_tokens", 0))
             tokens, budget = self._tokens[number], self._config.max_new_tokens

@@ -239,3 +239,12 @@ def test_the_stop_and_selector_options_belong_to_the_methods_that_read_them():
         check_options_used("best-of-n", {"stop"})
     with pytest.raises(UserError, match="--selector is not used by greedy"):
         check_options_used("greedy", {"selector"})
+
+
+def test_progress_reports_each_round_when_nothing_is_evaluated(backend):
+    lines: list[str] = []
+    r = run(PROMPT, backend, "adaptive", n=4, selector="majority", stop="esc", progress=lines.append, **SMALL)
+    assert r.costs.self_evals == 0 and r.costs.batches == 3
+    assert [line for line in lines if line.startswith("round")] == [
+        f"round {i}: sampling …" for i in (1, 2, 3)
+    ], lines
