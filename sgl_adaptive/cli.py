@@ -116,7 +116,7 @@ def run_command(
             seed=seed,
         )
         config.check_for(method)
-        check_options_used(method, _given(ctx, KNOBS))
+        check_options_used(method, _given(ctx, KNOBS), config)
         if not endpoint:
             check_dtype(dtype)
             check_device(device)

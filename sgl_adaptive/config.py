@@ -108,11 +108,29 @@ class MethodConfig:
         return asdict(self)
 
 
-def check_options_used(method: str, given: set[str] | frozenset[str]) -> None:
+RULE_OPTIONS: dict[str, tuple[str, str]] = {
+    "threshold": ("stop", "threshold"),
+    "stop_confidence": ("stop", "beta"),
+    "stop_window": ("stop", "esc"),
+    "vote_temperature": ("selector", "weighted-majority"),
+}
+"""Knobs read by one rule only: knob -> (the rule's field, the rule)."""
+
+
+def check_options_used(
+    method: str, given: set[str] | frozenset[str], config: MethodConfig | None = None
+) -> None:
     """Refuse knobs given explicitly (field names, e.g. ``{"keep"}``) that ``method`` does not read, such
-    as ``--keep`` with best-of-n: silently ignoring them would hide a mistake."""
+    as ``--keep`` with best-of-n, or (with ``config``) that its rules do not read, such as
+    ``--stop-window`` with ``--stop beta``: silently ignoring them would hide a mistake."""
     for name in sorted(given & KNOBS):
+        option = "--" + name.replace("_", "-")
         if name not in METHOD_OPTIONS.get(method, KNOBS):
             users = [m for m in METHODS if name in METHOD_OPTIONS[m]]
-            option = "--" + name.replace("_", "-")
             raise UserError(f"{option} is not used by {method} (only by {', '.join(users)})")
+        if config is not None and name in RULE_OPTIONS:
+            field_name, rule = RULE_OPTIONS[name]
+            chosen = getattr(config, field_name)
+            if chosen != rule:
+                flag = "--" + field_name
+                raise UserError(f"{option} is read only by {flag} {rule} (this run has {flag} {chosen})")

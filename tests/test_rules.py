@@ -125,6 +125,12 @@ def test_unknown_names_are_one_line_errors_listing_the_choices():
         (["--stop", "never"], ["unknown stop rule 'never'", "threshold, beta, esc"]),
         (["--method", "best-of-n", "--stop", "beta"], ["--stop is not used by best-of-n"]),
         (["--stop-confidence", "1.5"], ["--stop-confidence must be within (0, 1)"]),
+        (
+            ["--stop", "beta", "--stop-window", "3"],
+            ["--stop-window is read only by --stop esc", "--stop beta"],
+        ),
+        (["--stop", "esc", "--threshold", "0.5"], ["--threshold is read only by --stop threshold"]),
+        (["--vote-temperature", "0.5"], ["--vote-temperature is read only by --selector weighted-majority"]),
     ],
 )
 def test_the_cli_refuses_unknown_rules_in_one_line(args, needles):
