@@ -257,3 +257,11 @@ def test_missing_options_and_empty_report_folder(tmp_path):
     for args in (["--out", str(tmp_path)], ["--dataset", "gsm8k-dev"], ["report", str(tmp_path)]):
         res = bench(*args)
         assert res.exit_code == 2 and res.output.startswith("error:") and len(res.output.splitlines()) == 1
+
+
+def test_the_help_lists_every_bench_method():
+    """``ALL_METHODS`` (the help text, kept import-light) is exactly ``bench.methods.METHODS``."""
+    from sgl_adaptive.bench.cli import ALL_METHODS
+    from sgl_adaptive.bench.methods import METHODS
+
+    assert ALL_METHODS.split(",") == list(METHODS)
