@@ -13,7 +13,7 @@ next, so every headline figure comes with its interval and the number of prompts
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +25,7 @@ from sgl_adaptive.backends.precision import ExactHead
 from sgl_adaptive.finetune.labels import KEEP_LABEL
 from sgl_adaptive.finetune.metrics import auroc, bootstrap_ci, brier
 from sgl_adaptive.finetune.scoring import ExampleScore, SelfEvalEncoder, left_pad
+from sgl_adaptive.rules import argmax, vote
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -147,18 +148,16 @@ def sample_pools(
 
 
 def select(pool: Sequence[PoolSample], budget: int | None = None) -> PoolSample:
-    """The highest-scoring sample at ``budget`` (ties: the earliest sample, as the programs do)."""
-    return max(pool, key=lambda p: (p.score_at(budget), -p.index))
+    """The highest-scoring sample at ``budget`` (``rules.argmax``: ties to the earliest, as the programs do).
+    ``pool`` is in sample order."""
+    return pool[argmax(range(len(pool)), [p.score_at(budget) for p in pool])]
 
 
 def majority(pool: Sequence[PoolSample]) -> PoolSample:
-    """The earliest sample with the most frequent final answer (samples without a number do not vote; a tie
-    between answers goes to the one seen first; no answer at all: the first sample)."""
-    voted = [p for p in pool if p.answer is not None]
-    if not voted:
-        return pool[0]
-    counts = Counter(p.answer for p in voted)
-    return max(voted, key=lambda p: (counts[p.answer], -p.index))
+    """The earliest sample with the most frequent final answer (``rules.vote``: samples without a number do
+    not vote, a tie between answers goes to the one seen first; no answer at all: the first sample)."""
+    winner = vote([p.answer for p in pool])
+    return next((p for p in pool if winner is not None and p.answer == winner), pool[0])
 
 
 def pool_rewards(pools: Sequence[Sequence[PoolSample]], budget: int | None = None) -> dict[str, np.ndarray]:
