@@ -120,8 +120,7 @@ def run_command(
         if not endpoint:
             check_dtype(dtype)
             check_device(device)
-        with err.status("loading the model …" if not endpoint else f"connecting to {endpoint} …"):
-            backend = load_backend(model, endpoint, seed=seed, device=device, dtype=dtype, console=err)
+        backend = load_backend(model, endpoint, seed=seed, device=device, dtype=dtype, console=err)
         with err.status(f"running {method} …"):
             result = run(text, backend, method, config, progress=_progress)
     except (UserError, ProgramError) as exc:
@@ -215,8 +214,7 @@ def serve_command(
         if not endpoint:
             check_dtype(dtype)
             check_device(device)
-        with err.status("loading the model …" if not endpoint else f"connecting to {endpoint} …"):
-            backend = load_backend(model, endpoint, seed=seed, device=device, dtype=dtype, console=err)
+        backend = load_backend(model, endpoint, seed=seed, device=device, dtype=dtype, console=err)
         native = None
         if not endpoint:
             from sgl_adaptive.backends.http_server import serve

@@ -6,6 +6,7 @@ program runs, after the arguments have been checked.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import threading
@@ -134,13 +135,16 @@ def load_backend(
     """An SGLang server backend for ``endpoint``, else an in-process backend for ``model`` (a directory,
     a GGUF file, a hub name, or None for the embedded default model) on ``device`` in ``dtype``.
 
-    Device, dtype and model path are checked before torch, transformers and sglang are imported."""
+    Device, dtype and model path are checked before torch, transformers and sglang are imported. With a
+    ``console``, one status line at a time: the model build's own progress (download, conversion), then
+    "loading the model"."""
     if model and endpoint:
         raise UserError("give either --model or --endpoint, not both")
     if endpoint:
-        from sgl_adaptive.backends.endpoint import SGLangEndpoint
+        with _status(console, f"connecting to {endpoint} …"):
+            from sgl_adaptive.backends.endpoint import SGLangEndpoint
 
-        return SGLangEndpoint(endpoint, **kwargs)
+            return SGLangEndpoint(endpoint, **kwargs)
     from sgl_adaptive.model_store import resolve_model
 
     check_device(device)
@@ -148,9 +152,15 @@ def load_backend(
         _torch_dtype(dtype)  # other names and torch dtypes: checked before a possibly long download
     path = resolve_model(model, console=console)
     torch_dtype = _torch_dtype(dtype)
-    from sgl_adaptive.backends.local import LocalBackend
+    with _status(console, "loading the model …"):
+        from sgl_adaptive.backends.local import LocalBackend
 
-    return LocalBackend.from_pretrained(path, device=device, dtype=torch_dtype, seed=seed, **kwargs)
+        return LocalBackend.from_pretrained(path, device=device, dtype=torch_dtype, seed=seed, **kwargs)
+
+
+def _status(console: Any, message: str) -> Any:
+    """A spinner on ``console`` (a rich Console), or nothing without one."""
+    return console.status(message) if console is not None else contextlib.nullcontext()
 
 
 def _torch_dtype(dtype: Any) -> Any:

@@ -206,3 +206,32 @@ def test_progress_in_the_api_names_each_sample_once(backend):
         "sample 2",
         "sample 2",
     ], lines
+
+
+def test_one_status_line_at_a_time_while_the_model_builds_and_loads(tiny_model_dir, monkeypatch):
+    """The model build's own progress (download, conversion) is never shown inside a second spinner."""
+    import contextlib
+
+    from sgl_adaptive import cli, model_store
+
+    depth, deepest, messages = [0], [0], []
+
+    @contextlib.contextmanager
+    def status(message, *args, **kwargs):
+        messages.append(message)
+        depth[0] += 1
+        deepest[0] = max(deepest[0], depth[0])
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    def building(spec, console=None, **kwargs):
+        with console.status("fetching part 1/6 …"):
+            return str(tiny_model_dir)
+
+    monkeypatch.setattr(cli.err, "status", status)
+    monkeypatch.setattr(model_store, "resolve_model", building)
+    res = runner.invoke(app, ["run", "What is 1 + 1?", "--method", "greedy", "--max-new-tokens", "4"])
+    assert res.exit_code == 0, res.output
+    assert messages[:2] == ["fetching part 1/6 …", "loading the model …"] and deepest[0] == 1, messages

@@ -175,7 +175,7 @@ def data_command(
             if endpoint_backend is not None:
                 return endpoint_backend
             progress.console.print(f"loading {model_id} …", highlight=False)  # no spinner inside the live bar
-            return load_backend(model_id, None, seed=seed, device=device, console=err)
+            return load_backend(model_id, None, seed=seed, device=device)  # (a spinner would nest)
 
         def tokenizer_factory(backend: Any) -> tuple[Any, str]:
             if backend is not None and getattr(backend, "tokenizer", None) is not None and not tokenizer:
