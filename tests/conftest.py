@@ -33,3 +33,15 @@ def endless_backend(tiny_model_dir: Path):
     b.engine.eos_token_ids = frozenset()
     yield b
     b.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one thread (and far faster when the machine is shared): modules that
+    train or sample a lot use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

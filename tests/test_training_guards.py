@@ -18,14 +18,7 @@ from sgl_adaptive.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _example(prompt_id: str, sample: int, text: str, label: str, soft: float, budget: int | None = None):
