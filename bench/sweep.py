@@ -326,6 +326,8 @@ def rules_of(config: dict[str, Any]) -> tuple[StopRule, Selector]:
         config.get("threshold", 1.0),
         config.get("stop_confidence", 0.95),
         config.get("stop_window", 4),
+        config.get("stop_warmup", 4),
+        config.get("stop_percentile", 90.0),
     )
     return stop, Selector(config.get("selector", "argmax"), config.get("vote_temperature", 0.1))
 

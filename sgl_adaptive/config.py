@@ -12,7 +12,15 @@ from sgl_adaptive.selfeval import SelfEvalConfig
 Method = Literal["greedy", "best-of-n", "adaptive", "prune", "adaptive-prune"]
 METHODS: tuple[str, ...] = ("greedy", "best-of-n", "adaptive", "prune", "adaptive-prune")
 _SAMPLING = {"n", "temperature", "top_p", "selector", "vote_temperature"}
-_STOPPING = {"threshold", "anneal", "stop", "stop_confidence", "stop_window"}
+_STOPPING = {
+    "threshold",
+    "anneal",
+    "stop",
+    "stop_confidence",
+    "stop_window",
+    "stop_warmup",
+    "stop_percentile",
+}
 METHOD_OPTIONS: dict[str, frozenset[str]] = {
     "greedy": frozenset(),
     "best-of-n": frozenset(_SAMPLING),
@@ -50,11 +58,16 @@ class MethodConfig:
     vote_temperature: float = 0.1
     """weighted-majority: each sample's vote is the softmax of the scores at this temperature."""
     stop: str = "threshold"
-    """When adaptive sampling stops: threshold (best score), beta (Adaptive-Consistency) or esc (``rules.py``)."""
+    """When adaptive sampling stops: threshold (best score), beta (Adaptive-Consistency), esc or deepconf
+    (``rules.py``)."""
     stop_confidence: float = 0.95
     """beta: stop once P(the leading answer beats the runner-up) exceeds it."""
     stop_window: int = 4
     """esc: stop once this many latest complete samples agree on their answer."""
+    stop_warmup: int = 4
+    """deepconf: the first this many scored complete samples are the warm-up that sets the threshold."""
+    stop_percentile: float = 90.0
+    """deepconf: the threshold is this percentile (0..100) of the warm-up scores (90: DeepConf-low)."""
     seed: int | None = 0
     selfeval: SelfEvalConfig = field(default_factory=SelfEvalConfig)
 
@@ -90,12 +103,23 @@ class MethodConfig:
             raise UserError(f"--stop-confidence must be within (0, 1) (got {self.stop_confidence})")
         if self.stop_window < 1:
             raise UserError(f"--stop-window must be at least 1 (got {self.stop_window})")
+        if self.stop_warmup < 1:
+            raise UserError(f"--stop-warmup must be at least 1 (got {self.stop_warmup})")
+        if not 0.0 <= self.stop_percentile <= 100.0:
+            raise UserError(f"--stop-percentile must be within [0, 100] (got {self.stop_percentile})")
 
     def selector_rule(self) -> Selector:
         return Selector(self.selector, self.vote_temperature)
 
     def stop_rule(self) -> StopRule:
-        return StopRule(self.stop, self.threshold, self.stop_confidence, self.stop_window)
+        return StopRule(
+            self.stop,
+            self.threshold,
+            self.stop_confidence,
+            self.stop_window,
+            self.stop_warmup,
+            self.stop_percentile,
+        )
 
     def check_for(self, method: str) -> None:
         """Checks that depend on the method."""
@@ -112,6 +136,8 @@ RULE_OPTIONS: dict[str, tuple[str, str]] = {
     "threshold": ("stop", "threshold"),
     "stop_confidence": ("stop", "beta"),
     "stop_window": ("stop", "esc"),
+    "stop_warmup": ("stop", "deepconf"),
+    "stop_percentile": ("stop", "deepconf"),
     "vote_temperature": ("selector", "weighted-majority"),
 }
 """Knobs read by one rule only: knob -> (the rule's field, the rule)."""

@@ -31,6 +31,24 @@ Stop rules (adaptive sampling, checked after each round on the complete samples 
 - ``esc``: Early-Stopping Self-Consistency (Li et al. 2024, "Escape Sky-high Cost", arXiv:2401.10480):
   stop when the last ``stop_window`` complete samples all hold the same extracted answer (a window of
   zero answer entropy). ESC draws fixed windows; here the window slides over the doubling rounds.
+- ``deepconf``: DeepConf-online's warm-up threshold (Fu et al. 2025, "Deep Think with Confidence",
+  arXiv:2508.15260), on the self-evaluation score: the first ``warmup`` scored complete samples are the
+  warm-up; the threshold is the ``percentile``-th percentile of their scores (linear interpolation, as
+  ``numpy.percentile``); stop once a later complete sample's score reaches it. The paper's rule reads a
+  token-level confidence (the lowest sliding-window group confidence) and, after the warm-up, cuts
+  each running trace whose confidence falls below the threshold (and stops by vote consensus); here
+  the score is one number per complete sample and the threshold decides when to stop drawing.
+
+Budget allocation across a batch of prompts (``allocate``; ``sgl-adaptive batch``): each round the
+prompts whose samples so far are least sure get the next samples, one each:
+
+- ``score``: the lowest best self-evaluation score first (no score counts as lowest).
+- ``agreement``: the lowest Adaptive-Consistency confidence of the leading answer first
+  (``majority_confidence`` of the two largest answer counts: 1 sample 0.75, 2 agreeing 0.875,
+  a 1-1 split 0.5).
+- ``even``: the fewest samples first: the budget split evenly (the baseline).
+
+Ties go to the prompt with fewer samples, then to the earlier prompt.
 """
 
 from __future__ import annotations
@@ -47,8 +65,9 @@ Answers: TypeAlias = Sequence[str | None] | Mapping[int, str | None]
 """Extracted final answers by sample index (None: no answer, or not complete)."""
 
 SELECTORS: tuple[str, ...] = ("argmax", "majority", "weighted-majority")
-STOP_RULES: tuple[str, ...] = ("threshold", "beta", "esc")
+STOP_RULES: tuple[str, ...] = ("threshold", "beta", "esc", "deepconf")
 PRUNE_BY: tuple[str, ...] = ("score", "random")
+ALLOCATIONS: tuple[str, ...] = ("score", "agreement", "even")
 
 
 def argmax(indices: Iterable[int], values: Scores) -> int:
@@ -154,13 +173,15 @@ class StopRule:
     threshold: float = 0.98
     confidence: float = 0.95
     window: int = 4
+    warmup: int = 4
+    percentile: float = 90.0
 
     def __post_init__(self) -> None:
         check_name("stop rule", self.kind, STOP_RULES)
 
     @property
     def needs_scores(self) -> bool:
-        return self.kind == "threshold"
+        return self.kind in ("threshold", "deepconf")
 
     def should_stop(self, complete: Iterable[int], scores: Scores, answers: Answers) -> bool:
         """Decide on the ``complete`` samples drawn so far (indices in draw order)."""
@@ -173,8 +194,64 @@ class StopRule:
             if not counts:
                 return False
             return majority_confidence(counts[0], counts[1] if len(counts) > 1 else 0) > self.confidence
+        if self.kind == "deepconf":
+            return deepconf_should_stop([scores[i] for i in complete], self.warmup, self.percentile)
         last = [answers[i] for i in complete[-self.window :]]
         return len(last) >= self.window and last[0] is not None and all(a == last[0] for a in last)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of ``values`` by linear interpolation between the closest ranks
+    (``numpy.percentile``'s default)."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("the percentile of no values")
+    position = (len(ordered) - 1) * q / 100.0
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def deepconf_should_stop(scores: Sequence[float | None], warmup: int, q: float) -> bool:
+    """DeepConf-online's warm-up threshold on complete samples' ``scores`` in draw order: the first
+    ``warmup`` present scores set the threshold (their ``q``-th percentile); stop once a later score
+    reaches it. Never stops during the warm-up."""
+    present = [s for s in scores if s is not None]
+    if len(present) <= warmup:
+        return False
+    bar = percentile(present[:warmup], q)
+    return any(s >= bar for s in present[warmup:])
+
+
+def allocation_need(kind: str, scores: Sequence[float | None], answers: Sequence[str | None]) -> float:
+    """How sure one prompt's samples so far are under allocation ``kind`` (lower: the next sample helps
+    more): the best score (``score``; -1 without one), the leading answer's ``majority_confidence``
+    (``agreement``) or the number of samples (``even``)."""
+    check_name("allocation", kind, ALLOCATIONS)
+    if kind == "score":
+        return max((s for s in scores if s is not None), default=-1.0)
+    if kind == "agreement":
+        counts = sorted(_counts(answers).values(), reverse=True) + [0, 0]
+        return majority_confidence(counts[0], counts[1])
+    return float(len(scores))
+
+
+def allocate(
+    kind: str,
+    prompts: Sequence[tuple[Sequence[float | None], Sequence[str | None]]],
+    slots: int,
+    eligible: Iterable[int] | None = None,
+) -> list[int]:
+    """The prompts (indices into ``prompts``, each ``(scores, answers)`` of its samples so far) that get
+    the next sample each, at most ``slots`` of them, neediest first (``allocation_need``; ties to fewer
+    samples, then to the earlier prompt); only the ``eligible`` ones (default: all) are considered."""
+    check_name("allocation", kind, ALLOCATIONS)
+    candidates = range(len(prompts)) if eligible is None else eligible
+    ranked = sorted(
+        candidates,
+        key=lambda p: (allocation_need(kind, *prompts[p]), len(prompts[p][0]), p),
+    )
+    return ranked[: max(slots, 0)]
 
 
 @dataclass(frozen=True)

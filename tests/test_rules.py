@@ -157,3 +157,99 @@ def test_random_pruning_is_seeded_sized_and_in_draw_order():
     assert pruned_keep(range(3), scores, 1, "random", 7) == random_rank(range(3), 1, 7)
     with pytest.raises(ValueError, match="unknown pruning rule 'loudest'"):
         pruned_keep(range(3), scores, 1, "loudest")
+
+
+def test_percentile_interpolates_like_numpy():
+    from sgl_adaptive.rules import percentile
+
+    assert percentile([0.1, 0.4, 0.2, 0.3], 0) == 0.1
+    assert percentile([0.1, 0.4, 0.2, 0.3], 100) == 0.4
+    assert percentile([0.1, 0.4, 0.2, 0.3], 50) == pytest.approx(0.25)
+    assert percentile([0.1, 0.4, 0.2, 0.3], 90) == pytest.approx(0.37)  # rank 2.7: 0.3 + 0.7 * 0.1
+    assert percentile([0.5], 90) == 0.5
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_deepconf_stop_sets_its_threshold_from_the_warm_up():
+    rule = StopRule("deepconf", warmup=4, percentile=90.0)
+    warm = [0.1, 0.4, 0.2, 0.3]  # the 90th percentile is 0.37
+    answers = [None] * 8
+    assert not rule.should_stop(range(4), warm, answers)  # only the warm-up: never stops
+    assert not rule.should_stop(range(6), [*warm, 0.36, 0.2], answers)  # below 0.37
+    assert rule.should_stop(range(6), [*warm, 0.36, 0.38], answers)
+    assert rule.should_stop(range(5), [*warm, 0.37], answers)  # reaching it is enough
+    # the warm-up is the first four complete samples (sample 1 is not complete): 0.1 0.2 0.3 0.4, bar 0.37
+    pool = [0.1, 0.99, 0.2, 0.3, 0.4, 0.35, 0.45]
+    assert not rule.should_stop([0, 2, 3, 4, 5], pool, answers)
+    assert rule.should_stop([0, 2, 3, 4, 6], pool, answers)  # with sample 1 in the warm-up the bar is 0.78
+    assert not rule.should_stop(range(7), pool, answers)
+    # percentile 0: the bar is the warm-up's lowest score
+    low = StopRule("deepconf", warmup=2, percentile=0.0)
+    assert low.should_stop(range(3), [0.5, 0.2, 0.2], answers)
+    assert not low.should_stop(range(3), [0.5, 0.2, 0.1], answers)
+    assert low.needs_scores and StopRule("threshold").needs_scores and not StopRule("beta").needs_scores
+
+
+def test_deepconf_options_belong_to_the_deepconf_stop():
+    config = MethodConfig(stop="deepconf", stop_warmup=2, stop_percentile=50.0)
+    assert config.stop_rule() == StopRule("deepconf", 0.98, 0.95, 4, 2, 50.0)
+    with pytest.raises(UserError, match="--stop-warmup must be at least 1"):
+        MethodConfig(stop_warmup=0)
+    with pytest.raises(UserError, match=r"--stop-percentile must be within \[0, 100\]"):
+        MethodConfig(stop_percentile=101.0)
+    from sgl_adaptive.config import check_options_used
+
+    with pytest.raises(UserError, match="--stop-warmup is read only by --stop deepconf"):
+        check_options_used("adaptive", {"stop_warmup"}, MethodConfig(stop="esc"))
+    with pytest.raises(UserError, match="--stop-percentile is not used by best-of-n"):
+        check_options_used("best-of-n", {"stop_percentile"})
+    check_options_used("adaptive-prune", {"stop_warmup", "stop_percentile"}, config)
+
+
+def test_the_sweep_reads_the_deepconf_fields():
+    from sgl_adaptive.bench.sweep import rules_of
+
+    stop, _ = rules_of({"stop": "deepconf", "stop_warmup": 3, "stop_percentile": 25.0})
+    assert (stop.kind, stop.warmup, stop.percentile) == ("deepconf", 3, 25.0)
+
+
+def test_score_allocation_feeds_the_lowest_best_score():
+    from sgl_adaptive.rules import allocate
+
+    prompts = [([0.9, 0.2], [None, None]), ([0.3], [None]), ([None], [None]), ([0.3, 0.1], [None, None])]
+    # need: 0.9, 0.3, -1 (no score), 0.3 (tie with prompt 1: fewer samples first)
+    assert allocate("score", prompts, 4) == [2, 1, 3, 0]
+    assert allocate("score", prompts, 2) == [2, 1]
+    assert allocate("score", prompts, 2, eligible=[0, 3]) == [3, 0]
+    assert allocate("score", prompts, 0) == []
+
+
+def test_agreement_allocation_feeds_the_least_agreeing_answers():
+    from sgl_adaptive.rules import allocate, allocation_need
+
+    split = ([None, None], ["3", "4"])  # 1-1: 0.5
+    single = ([None], ["3"])  # 0.75
+    agreeing = ([None, None], ["5", "5"])  # 7/8
+    unanswered = ([None, None], [None, None])  # no votes: 0.5, like a split
+    assert [allocation_need("agreement", *p) for p in (split, single, agreeing, unanswered)] == [
+        0.5,
+        0.75,
+        0.875,
+        0.5,
+    ]
+    assert allocate("agreement", [agreeing, single, split, unanswered], 3) == [2, 3, 1]
+    three = ([None] * 3, ["5", "5", "5"])  # 15/16: more agreeing samples are surer
+    assert allocate("agreement", [three, agreeing], 1) == [1]
+
+
+def test_even_allocation_is_round_robin():
+    from sgl_adaptive.rules import allocate
+
+    prompts = [([0.1, 0.2], ["1", "2"]), ([0.9], ["1"]), ([0.5], ["1"])]
+    assert allocate("even", prompts, 2) == [1, 2]
+    assert allocate("even", prompts, 3) == [1, 2, 0]
+    with pytest.raises(
+        ValueError, match="unknown allocation 'loudest'; choose one of score, agreement, even"
+    ):
+        allocate("loudest", prompts, 1)
