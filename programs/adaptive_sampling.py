@@ -2,8 +2,9 @@
 
 Round r draws ``batch_sizes(n)[r]`` samples (1, 1, 2, 4, 8 for n = 16) at annealed temperatures
 T(k) for the k-th sample overall, scores them, and stops as soon as the stop rule says so (by default
-the best score reaches the threshold), or when the budget is spent. The samples are self-evaluated
-only when the selector or the stop rule reads scores (``majority`` with ``beta``/``esc`` does not).
+the best score reaches the threshold), or when the budget is spent. The samples are scored (by the
+configured scorer) only when the selector or the stop rule reads scores (``majority`` with ``beta``/``esc``
+does not).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sgl_adaptive.programs.common import (
     open_prompt,
     outcome,
     sample_views,
-    self_evaluate,
+    score_samples,
 )
 from sgl_adaptive.schedules import Annealing, batch_sizes
 
@@ -59,6 +60,6 @@ def adaptive_sampling(s, prompt: str, config: MethodConfig) -> ProgramOutcome:
         def finish(batch: list[Sample], size: int) -> None:
             generate(run, batch, config.max_new_tokens)
             if scored:
-                self_evaluate(run, batch)
+                score_samples(run, batch)
 
         return outcome(run, sample_in_rounds(run, s, finish))

@@ -1,5 +1,5 @@
-"""Best-of-N: fork N samples, score each when finished, return the selector's pick (argmax by default;
-``majority`` reads no score, so the samples are not evaluated)."""
+"""Best-of-N: fork N samples, score each when finished (by the configured scorer), return the selector's
+pick (argmax by default; ``majority`` reads no score, so the samples are not scored)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sgl_adaptive.programs.common import (
     generate,
     open_prompt,
     outcome,
-    self_evaluate,
+    score_samples,
 )
 
 
@@ -24,5 +24,5 @@ def best_of_n(s, prompt: str, config: MethodConfig) -> ProgramOutcome:
         samples = draw_pool(run, s)
         generate(run, samples, config.max_new_tokens)
         if config.selector_rule().needs_scores:
-            self_evaluate(run, samples)
+            score_samples(run, samples)
         return outcome(run, samples)

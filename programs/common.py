@@ -1,5 +1,6 @@
 """The building blocks the programs share: opening the prompt, drawing forked samples, extending
-them, self-evaluating them in side branches, and turning them into a ``ProgramOutcome``.
+them, scoring them (self-evaluation in side branches, or the training-free scorers from the samples'
+own top-k log-probabilities), and turning them into a ``ProgramOutcome``.
 
 This is the programs' whole contact with the SGLang frontend: ``sgl.user``/``assistant_begin``/
 ``assistant_end``/``gen``, ``state.fork``/``join``, ``get_meta_info`` and ``error``.
@@ -82,6 +83,8 @@ class Sample:
     """Reached the token budget without finishing."""
     pruned: bool = False
     scores: list[tuple[int, float]] = field(default_factory=list)
+    top_logprobs: list[Any] = field(default_factory=list)
+    """Per generated token, its top-k log-probability entries (training-free scorers only)."""
 
     @property
     def done(self) -> bool:
@@ -93,13 +96,19 @@ class Sample:
         return self.scores[-1][1] if self.scores else None
 
     def extend(self, max_tokens: int, config: MethodConfig) -> None:
-        """Queue the generation of up to ``max_tokens`` more tokens (asynchronous)."""
+        """Queue the generation of up to ``max_tokens`` more tokens (asynchronous); with a training-free
+        scorer, ask for each generated token's top-k log-probabilities (no text: only the values are read)."""
+        scorer = config.scorer_rule()
+        logprobs: dict[str, Any] = {}
+        if scorer.training_free:
+            logprobs = dict(return_logprob=True, top_logprobs_num=scorer.top_k, return_text_in_logprobs=False)
         self.state += sgl.gen(
             f"part{self.parts}",
             max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=config.top_p,
             **NEUTRAL_SAMPLING,
+            **logprobs,
         )
         self.parts += 1
 
@@ -111,6 +120,7 @@ class Sample:
         meter.record("sample", meta)
         new = int(meta.get("completion_tokens", 0))
         self.tokens += new
+        self.top_logprobs += meta.get("output_top_logprobs") or []
         self.finished = meta.get("finish_reason", {}).get("type") != "length"
         self.exhausted = not self.finished and self.tokens >= budget
         return new
@@ -224,6 +234,19 @@ def self_evaluate(run: ProgramRun, samples: list[Sample]) -> None:
             raise_fork_error(branch[0], f"self-evaluation of sample {smp.index}")
         run.meter.record("eval", meta)
         smp.scores.append((smp.tokens, score_from_meta_info(meta, config).score))
+
+
+def score_samples(run: ProgramRun, samples: list[Sample]) -> None:
+    """Score each sample as generated so far by the configured scorer (``scorers.Scorer``): self-evaluation
+    requests, or, for a training-free scorer, its tokens' top-k log-probabilities (no request)."""
+    scorer = run.config.scorer_rule()
+    if not scorer.training_free:
+        self_evaluate(run, samples)
+        return
+    for smp in samples:
+        score = scorer.score(smp.top_logprobs)
+        if score is not None:
+            smp.scores.append((smp.tokens, score))
 
 
 def best_index(samples: list[Sample], config: MethodConfig) -> int:

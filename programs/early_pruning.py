@@ -15,7 +15,7 @@ from sgl_adaptive.programs.common import (
     keep_top,
     open_prompt,
     outcome,
-    self_evaluate,
+    score_samples,
 )
 
 
@@ -26,11 +26,11 @@ def prune_and_finish(run: ProgramRun, samples: list[Sample], keep: int) -> None:
     config = run.config
     budget, prune_at = config.max_new_tokens, min(config.prune_at, config.max_new_tokens)
     generate(run, samples, prune_at)
-    self_evaluate(run, samples if config.prune_by == "score" else [smp for smp in samples if smp.done])
+    score_samples(run, samples if config.prune_by == "score" else [smp for smp in samples if smp.done])
     survivors = [smp for smp in keep_top(samples, keep, config) if not smp.done]
     if survivors:
         generate(run, survivors, budget - prune_at)
-        self_evaluate(run, survivors)
+        score_samples(run, survivors)
 
 
 @sgl.function

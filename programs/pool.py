@@ -1,7 +1,8 @@
 """A pool of N samples scored at every token budget: one generation, many offline decisions.
 
 Each sample is generated in segments that end at the budgets (e.g. 16, 32, 64, 128, 256 tokens,
-then the token limit) and self-evaluated in a side branch after each segment, so every candidate
+then the token limit) and scored after each segment (by the configured scorer: self-evaluated in a side
+branch by default, or from its top-k log-probabilities so far), so every candidate
 carries ``scores = [(tokens so far, score), ...]``. Sweeps of thresholds and pruning points
 (``bench --mode sweep``) and training data with mid-generation prefixes are computed from it.
 """
@@ -18,7 +19,7 @@ from sgl_adaptive.programs.common import (
     generate,
     open_prompt,
     outcome,
-    self_evaluate,
+    score_samples,
 )
 
 
@@ -40,5 +41,5 @@ def sample_pool(
             generate(run, active, point - done_tokens)
             done_tokens = point
             if evaluate:
-                self_evaluate(run, active)
+                score_samples(run, active)
         return outcome(run, samples)

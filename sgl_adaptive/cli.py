@@ -13,6 +13,7 @@ from sgl_adaptive.config import KNOBS, METHODS, MethodConfig, check_options_used
 from sgl_adaptive.errors import ProgramError, UserError
 from sgl_adaptive.rules import SELECTORS, STOP_RULES
 from sgl_adaptive.runner import check_device, check_dtype, load_backend, read_prompt, run
+from sgl_adaptive.scorers import SCORERS
 
 app = typer.Typer(
     name="sgl-adaptive",
@@ -75,6 +76,12 @@ def run_command(
     ] = 0.7,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     anneal: Annotated[str, typer.Option(help="Temperature annealing: paper or none.")] = "paper",
+    scorer: Annotated[
+        str, typer.Option(help=f"What scores a sample: {', '.join(SCORERS)}.", metavar="NAME")
+    ] = "self-eval",
+    confidence_window: Annotated[
+        int, typer.Option(help="confidence: tokens per sliding window of the lowest mean confidence.")
+    ] = 64,
     selector: Annotated[
         str, typer.Option(help=f"Which sample answers: {', '.join(SELECTORS)}.", metavar="NAME")
     ] = "argmax",
@@ -108,6 +115,8 @@ def run_command(
             temperature=temperature,
             top_p=top_p,
             anneal=anneal,  # type: ignore[arg-type]
+            scorer=scorer,
+            confidence_window=confidence_window,
             selector=selector,
             vote_temperature=vote_temperature,
             stop=stop,

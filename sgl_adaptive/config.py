@@ -7,11 +7,21 @@ from typing import Literal
 
 from sgl_adaptive.errors import UserError
 from sgl_adaptive.rules import PRUNE_BY, SELECTORS, STOP_RULES, Selector, StopRule, check_name
+from sgl_adaptive.scorers import SCORERS, Scorer
 from sgl_adaptive.selfeval import SelfEvalConfig
 
 Method = Literal["greedy", "best-of-n", "adaptive", "prune", "adaptive-prune"]
 METHODS: tuple[str, ...] = ("greedy", "best-of-n", "adaptive", "prune", "adaptive-prune")
-_SAMPLING = {"n", "temperature", "top_p", "selector", "vote_temperature"}
+_SAMPLING = {
+    "n",
+    "temperature",
+    "top_p",
+    "selector",
+    "vote_temperature",
+    "scorer",
+    "confidence_window",
+    "scorer_top_k",
+}
 _STOPPING = {
     "threshold",
     "anneal",
@@ -53,6 +63,13 @@ class MethodConfig:
     """Temperature annealing over the samples drawn so far (adaptive methods; best-of-n with ``anneal_best_of_n``)."""
     anneal_best_of_n: bool = False
     """Apply the annealing schedule to plain Best-of-N too (a paper ablation)."""
+    scorer: str = "self-eval"
+    """What a sample's score is: self-eval (an evaluation request), confidence or self-certainty (from the
+    sample's own top-k log-probabilities, no request; ``scorers.py``)."""
+    confidence_window: int = 64
+    """confidence: tokens per sliding window (DeepConf's lowest group confidence)."""
+    scorer_top_k: int = 20
+    """confidence and self-certainty: top log-probabilities read per generated token."""
     selector: str = "argmax"
     """Which complete sample is the answer: argmax (score), majority or weighted-majority (``rules.py``)."""
     vote_temperature: float = 0.1
@@ -92,11 +109,16 @@ class MethodConfig:
             ("selector", self.selector, SELECTORS),
             ("stop rule", self.stop, STOP_RULES),
             ("pruning rule", self.prune_by, PRUNE_BY),
+            ("scorer", self.scorer, SCORERS),
         ):
             try:
                 check_name(what, name, valid)
             except ValueError as exc:
                 raise UserError(str(exc)) from None
+        if self.confidence_window < 1:
+            raise UserError(f"--confidence-window must be at least 1 (got {self.confidence_window})")
+        if self.scorer_top_k < 1:
+            raise UserError(f"scorer_top_k must be at least 1 (got {self.scorer_top_k})")
         if self.vote_temperature <= 0:
             raise UserError(f"--vote-temperature must be > 0 (got {self.vote_temperature})")
         if not 0.0 < self.stop_confidence < 1.0:
@@ -107,6 +129,9 @@ class MethodConfig:
             raise UserError(f"--stop-warmup must be at least 1 (got {self.stop_warmup})")
         if not 0.0 <= self.stop_percentile <= 100.0:
             raise UserError(f"--stop-percentile must be within [0, 100] (got {self.stop_percentile})")
+
+    def scorer_rule(self) -> Scorer:
+        return Scorer(self.scorer, self.confidence_window, self.scorer_top_k)
 
     def selector_rule(self) -> Selector:
         return Selector(self.selector, self.vote_temperature)
@@ -127,6 +152,15 @@ class MethodConfig:
             raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if method in ("prune", "adaptive-prune") and self.keep > self.n:
             raise UserError(f"--keep must not exceed --n for {method} (got keep={self.keep}, n={self.n})")
+        if (
+            method in ("adaptive", "adaptive-prune")
+            and self.stop == "threshold"
+            and self.scorer != "self-eval"
+        ):
+            raise UserError(
+                f"--stop threshold needs a calibrated score in [0, 1]; the {self.scorer} scorer has none: "
+                f"choose --stop {' or '.join(r for r in STOP_RULES if r != 'threshold')}, or --scorer self-eval"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,6 +173,7 @@ RULE_OPTIONS: dict[str, tuple[str, str]] = {
     "stop_warmup": ("stop", "deepconf"),
     "stop_percentile": ("stop", "deepconf"),
     "vote_temperature": ("selector", "weighted-majority"),
+    "confidence_window": ("scorer", "confidence"),
 }
 """Knobs read by one rule only: knob -> (the rule's field, the rule)."""
 

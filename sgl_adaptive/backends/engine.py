@@ -40,6 +40,9 @@ class GenerationRequest:
     ignore_eos: bool = False
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    """Top log-probabilities per generated token (``output_top_logprobs``: the training-free scorers)."""
+    return_text_in_logprobs: bool = True
+    """Logprob entries carry the token's text (else None in its place, as an SGLang server does)."""
     token_ids_logprob: tuple[int, ...] = ()
     input_logprob_start: int | None = None
     """Score the prompt's own tokens from this index on (``input_token_logprobs``)."""
@@ -336,12 +339,19 @@ class BatchedEngine:
     def _record_logprobs(
         self, row: _Row, logits: torch.Tensor, token: int, hidden: torch.Tensor | None
     ) -> None:
+        """Log-probabilities of the model's own distribution (temperature 1, before any sampling filter) of the
+        chosen token, the top ``top_logprobs_num`` tokens and the requested ids, as entries
+        ``(logprob, token_id, text or None)``."""
+        piece = self._piece if row.req.return_text_in_logprobs else _no_text
         logprobs = torch.log_softmax(logits, dim=-1)
-        row.token_logprobs.append((float(logprobs[token]), token, self._piece(token)))
+        row.token_logprobs.append((float(logprobs[token]), token, piece(token)))
         if row.req.top_logprobs_num:
             values, ids = torch.topk(logprobs, row.req.top_logprobs_num)
             row.top_logprobs.append(
-                [(float(v), int(i), self._piece(int(i))) for v, i in zip(values, ids, strict=True)]
+                [
+                    (float(v), int(i), piece(int(i)))
+                    for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+                ]
             )
         if row.req.token_ids_logprob:
             ids = row.req.token_ids_logprob
@@ -349,7 +359,7 @@ class BatchedEngine:
                 values = self.exact_head.logits(hidden, ids) - torch.logsumexp(logits, dim=-1)
             else:
                 values = logprobs[list(ids)]
-            row.ids_logprobs.append([(float(v), i, self._piece(i)) for v, i in zip(values, ids, strict=True)])
+            row.ids_logprobs.append([(float(v), i, piece(i)) for v, i in zip(values, ids, strict=True)])
 
     def _piece(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -397,6 +407,10 @@ class BatchedEngine:
             meta["input_token_logprobs"] = row.input_logprobs
         if not req.future.done():
             req.future.set_result(GenerationOutput(text=text, text_ids=text_ids, meta_info=meta))
+
+
+def _no_text(token: int) -> None:
+    return None
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -213,6 +213,7 @@ class LocalBackend(BaseBackend):
             ignore_eos=bool(sp.ignore_eos),
             return_logprob=bool(sp.return_logprob),
             top_logprobs_num=int(sp.top_logprobs_num or 0) if sp.return_logprob else 0,
+            return_text_in_logprobs=sp.return_text_in_logprobs is not False,
             token_ids_logprob=tuple(self.answer_ids if token_ids_logprob is None else token_ids_logprob)
             if sp.return_logprob
             else (),
