@@ -95,6 +95,12 @@ def run_command(
         float, typer.Option(help="beta: stop once P(leading answer stays ahead) exceeds it.")
     ] = 0.95,
     stop_window: Annotated[int, typer.Option(help="esc: stop once this many last answers agree.")] = 4,
+    stop_warmup: Annotated[
+        int, typer.Option(help="deepconf: samples whose scores set the threshold (the warm-up).")
+    ] = 4,
+    stop_percentile: Annotated[
+        float, typer.Option(help="deepconf: the threshold is this percentile (0-100) of the warm-up scores.")
+    ] = 90.0,
     seed: Annotated[int, typer.Option(help="Seed of the in-process backend.")] = 0,
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
@@ -122,6 +128,8 @@ def run_command(
             stop=stop,
             stop_confidence=stop_confidence,
             stop_window=stop_window,
+            stop_warmup=stop_warmup,
+            stop_percentile=stop_percentile,
             seed=seed,
         )
         config.check_for(method)
@@ -166,6 +174,114 @@ def _given(ctx: typer.Context, names: frozenset[str]) -> set[str]:
 
 def _progress(line: str) -> None:
     err.print(line, style="dim", highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command("batch")
+def batch_command(
+    ctx: typer.Context,
+    prompts_file: Annotated[
+        str,
+        typer.Argument(
+            help='JSON Lines, one {"id": ..., "prompt": ...} (or "question") per line; a "reference" or '
+            'GSM8K "answer" field is graded.',
+            metavar="PROMPTS.jsonl",
+            show_default=False,
+        ),
+    ],
+    budget: Annotated[int, typer.Option(help="Total samples (or tokens) for all the prompts.")],
+    out: Annotated[
+        str, typer.Option(help="Output JSON Lines, one line per prompt (a rerun skips ids already there).")
+    ],
+    budget_unit: Annotated[str, typer.Option(help="What --budget counts: samples or tokens.")] = "samples",
+    allocation: Annotated[
+        str,
+        typer.Option(
+            help="Who gets the next samples: score (lowest best score), agreement, even (baseline)."
+        ),
+    ] = "score",
+    method: Annotated[
+        str, typer.Option(help="best-of-n, or adaptive (annealed; a prompt closes once --stop holds).")
+    ] = "best-of-n",
+    model: Annotated[
+        str | None,
+        typer.Option(help="HF model dir, GGUF file or hub name (default: the embedded 0.5B model)."),
+    ] = None,
+    endpoint: Annotated[str | None, typer.Option(help="URL of a running SGLang server.")] = None,
+    n: Annotated[int, typer.Option(help="The most samples one prompt may get.")] = 16,
+    concurrency: Annotated[int, typer.Option(help="Prompts sampled at once in a round.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Token budget per sample.")] = 512,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    anneal: Annotated[str, typer.Option(help="adaptive: temperature annealing, paper or none.")] = "paper",
+    selector: Annotated[
+        str, typer.Option(help=f"Which sample answers: {', '.join(SELECTORS)}.", metavar="NAME")
+    ] = "argmax",
+    vote_temperature: Annotated[
+        float, typer.Option(help="weighted-majority: softmax temperature of the scores.")
+    ] = 0.1,
+    stop: Annotated[
+        str, typer.Option(help=f"adaptive: when a prompt closes: {', '.join(STOP_RULES)}.", metavar="NAME")
+    ] = "threshold",
+    threshold: Annotated[float, typer.Option(help="threshold: the best score that closes a prompt.")] = 0.98,
+    stop_confidence: Annotated[float, typer.Option(help="beta: P(leading answer stays ahead).")] = 0.95,
+    stop_window: Annotated[int, typer.Option(help="esc: this many last answers agree.")] = 4,
+    stop_warmup: Annotated[int, typer.Option(help="deepconf: warm-up samples.")] = 4,
+    stop_percentile: Annotated[float, typer.Option(help="deepconf: percentile of the warm-up.")] = 90.0,
+    compare_even: Annotated[
+        bool, typer.Option(help="Also run an even split of the same budget and report both accuracies.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the in-process backend.")] = 0,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Spend one sample budget across PROMPTS.jsonl where it helps most; one JSON line per prompt to --out.
+
+    Round 1 gives every prompt a sample (two for agreement); each later round gives the next samples to
+    the prompts whose best score is lowest (score) or whose answers agree least (agreement). Progress
+    and a summary line (samples, tokens, accuracy when graded) go to stderr."""
+    from sgl_adaptive.batch import BatchSettings, run_batch_file
+
+    try:
+        config = MethodConfig(
+            n=n,
+            threshold=threshold,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            anneal=anneal,  # type: ignore[arg-type]
+            selector=selector,
+            vote_temperature=vote_temperature,
+            stop=stop,
+            stop_confidence=stop_confidence,
+            stop_window=stop_window,
+            stop_warmup=stop_warmup,
+            stop_percentile=stop_percentile,
+            seed=seed,
+        )
+        settings = BatchSettings(budget, budget_unit, allocation, method, concurrency, config)
+        check_options_used(method, _given(ctx, KNOBS), config)
+        if model and endpoint:
+            raise UserError("give either --model or --endpoint, not both")
+        if not endpoint:
+            check_dtype(dtype)
+            check_device(device)
+
+        def backend() -> object:
+            return load_backend(model, endpoint, seed=seed, device=device, dtype=dtype, console=err)
+
+        summary, even = run_batch_file(
+            prompts_file, out, backend, settings, compare_even=compare_even, progress=_progress
+        )
+    except (UserError, ProgramError) as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted (a rerun resumes)", 130) from None
+    line = f"batch: {summary.prompts} prompts | {summary.samples} samples | {summary.tokens} tokens"
+    if summary.accuracy is not None:
+        line += f" | accuracy {summary.accuracy:.1%} of {summary.graded}"
+    if even is not None and even.accuracy is not None:
+        line += f" | even split: accuracy {even.accuracy:.1%}, {even.samples} samples, {even.tokens} tokens"
+    err.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command("model")

@@ -131,6 +131,9 @@ def test_unknown_names_are_one_line_errors_listing_the_choices():
         ),
         (["--stop", "esc", "--threshold", "0.5"], ["--threshold is read only by --stop threshold"]),
         (["--vote-temperature", "0.5"], ["--vote-temperature is read only by --selector weighted-majority"]),
+        (["--stop", "esc", "--stop-warmup", "3"], ["--stop-warmup is read only by --stop deepconf"]),
+        (["--stop", "deepconf", "--stop-percentile", "120"], ["--stop-percentile must be within [0, 100]"]),
+        (["--method", "best-of-n", "--stop-warmup", "2"], ["--stop-warmup is not used by best-of-n"]),
     ],
 )
 def test_the_cli_refuses_unknown_rules_in_one_line(args, needles):
@@ -253,3 +256,27 @@ def test_even_allocation_is_round_robin():
         ValueError, match="unknown allocation 'loudest'; choose one of score, agreement, even"
     ):
         allocate("loudest", prompts, 1)
+
+
+@pytest.mark.parametrize("percentile", [0.0, 50.0, 100.0])
+def test_the_adaptive_program_stops_where_the_deepconf_rule_says(backend, percentile):
+    """The program reads the stop rule through ``MethodConfig.stop_rule``: replayed on its own samples, the
+    rule holds after the last round only (or never, when the whole budget was drawn)."""
+    from sgl_adaptive import run
+    from sgl_adaptive.rules import deepconf_should_stop
+    from sgl_adaptive.schedules import batch_sizes
+
+    config = MethodConfig(
+        n=8, max_new_tokens=6, temperature=1.0, stop="deepconf", stop_warmup=2, stop_percentile=percentile
+    )
+    result = run("What is 2 + 3?", backend, "adaptive", config)
+    scores = [c.score for c in result.candidates]
+    assert all(s is not None for s in scores)
+    ends = [sum(batch_sizes(8)[: r + 1]) for r in range(len(batch_sizes(8)))]
+    drawn = len(scores)
+    assert drawn in ends
+    for end in ends[: ends.index(drawn)]:
+        assert not deepconf_should_stop(scores[:end], 2, percentile)
+    assert deepconf_should_stop(scores, 2, percentile) or drawn == 8
+    if percentile == 0.0:
+        assert drawn < 8  # a later sample at least as good as the worse of the two warm-up ones
