@@ -69,7 +69,7 @@ class BatchSettings:
 
     @property
     def scored(self) -> bool:
-        """Whether the samples are self-evaluated: the allocation, the selector or the stop rule reads scores."""
+        """Whether the samples are self-evaluated: the allocation, selector or stop rule reads scores."""
         stops = self.method == "adaptive" and self.config.stop_rule().needs_scores
         return self.allocation == "score" or self.config.selector_rule().needs_scores or stops
 

@@ -32,12 +32,13 @@ Stop rules (adaptive sampling, checked after each round on the complete samples 
   stop when the last ``stop_window`` complete samples all hold the same extracted answer (a window of
   zero answer entropy). ESC draws fixed windows; here the window slides over the doubling rounds.
 - ``deepconf``: DeepConf-online's warm-up threshold (Fu et al. 2025, "Deep Think with Confidence",
-  arXiv:2508.15260), on the self-evaluation score: the first ``warmup`` scored complete samples are the
-  warm-up; the threshold is the ``percentile``-th percentile of their scores (linear interpolation, as
-  ``numpy.percentile``); stop once a later complete sample's score reaches it. The paper's rule reads a
-  token-level confidence (the lowest sliding-window group confidence) and, after the warm-up, cuts
-  each running trace whose confidence falls below the threshold (and stops by vote consensus); here
-  the score is one number per complete sample and the threshold decides when to stop drawing.
+  arXiv:2508.15260), on the samples' scores (any scorer): the first ``warmup`` scored complete
+  samples are the warm-up; the threshold is the ``percentile``-th percentile of their scores (linear
+  interpolation, as ``numpy.percentile``); stop once a later complete sample's score reaches it. The
+  paper's rule reads a token-level confidence (the lowest sliding-window group confidence) and, after
+  the warm-up, cuts each running trace whose confidence falls below the threshold (and stops by vote
+  consensus); here the score is one number per complete sample and the threshold decides when to stop
+  drawing.
 
 Budget allocation across a batch of prompts (``allocate``; ``sgl-adaptive batch``): each round the
 prompts whose samples so far are least sure get the next samples, one each:
