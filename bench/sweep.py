@@ -2,7 +2,8 @@
 
 A pool (``programs/pool.py``) holds N samples in draw order, each with its self-evaluation scores
 at several token budgets and at its end (plus, when asked, a reward-model score and a zero-shot
-judge score of the final response). From it every method is simulated without new generation:
+judge score of the final response, and the training-free scores at the same points,
+``PoolSample.free_scores``). From it every method is simulated without new generation:
 
 - best-of-k (k <= N) by a scorer: the first k samples, picked by the selector (argmax of the scorer);
 - majority vote and pass@k oracle over the first k samples;
@@ -17,18 +18,22 @@ Every decision (batch schedule, stop rule, pruning rank, selection, vote) is the
 the library's ``Costs``, summed by the programs' ``CostMeter`` from modelled requests: samples, batches,
 generated tokens (a pruned sample costs only b), evaluations, critical-path tokens and FLOPs estimated
 with ``request_flops`` (prompt prefilled once, evaluations hitting the prefix cache); the reward
-model's reads are counted apart (``Outcome.rm_tokens``, ``rm_flops``).
+model's reads are counted apart (``Outcome.rm_tokens``, ``rm_flops``). A configuration's ``scorer``
+(``scorers.py``; default self-eval) chooses the scores every rule reads (``Pool.scored_by``); a
+training-free scorer's scores come with the samples, so no evaluation is counted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sgl_adaptive.costs import CostMeter, Costs, ModelShape, RequestKind
 from sgl_adaptive.rules import Selector, StopRule, argmax, pruned_keep, round_keep
 from sgl_adaptive.schedules import batch_sizes
+from sgl_adaptive.scorers import SCORERS as SCORER_NAMES
+from sgl_adaptive.scorers import TRAINING_FREE
 
 from .methods import LIVE_ONLY, VARIANTS, base_method
 
@@ -58,6 +63,8 @@ class PoolSample:
     judge: float | None = None
     judge_prefill: int = 0
     """New prompt tokens of the zero-shot judge's evaluation request."""
+    free_scores: Mapping[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
+    """Training-free scorer (``confidence``, ``self-certainty``) -> its scores at the points of ``scores``."""
 
     @property
     def final_score(self) -> float | None:
@@ -86,10 +93,25 @@ class Pool:
     eval_tokens: int = 0
     """New prompt tokens of one self-evaluation request (the evaluation turn)."""
     shape: ModelShape | None = None
+    scorer: str = "self-eval"
+    """What ``PoolSample.scores`` hold: self-evaluations (each one a request) or a training-free scorer's
+    scores (no request)."""
 
     @property
     def n(self) -> int:
         return len(self.samples)
+
+    def scored_by(self, scorer: str) -> Pool:
+        """This pool with every sample's ``scores`` those of ``scorer`` (from ``free_scores`` for a
+        training-free scorer, which the rules then read at no evaluation cost)."""
+        if scorer not in SCORER_NAMES:
+            raise ValueError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORER_NAMES)}")
+        if scorer == self.scorer:
+            return self
+        if scorer not in TRAINING_FREE or any(scorer not in s.free_scores for s in self.samples):
+            raise ValueError(f"the pool has no {scorer} scores")
+        samples = tuple(replace(s, scores=s.free_scores[scorer]) for s in self.samples)
+        return replace(self, samples=samples, scorer=scorer)
 
 
 @dataclass
@@ -133,7 +155,10 @@ class Tally:
             self._record("sample", p + start, p + start - 1, completion)
 
     def evaluate(self, tokens: int, new_tokens: int | None = None) -> None:
-        """An evaluation turn after ``tokens`` generated tokens (the prompt and response are cached)."""
+        """An evaluation turn after ``tokens`` generated tokens (the prompt and response are cached); no
+        self-evaluation when the pool's scores are training-free (they come with the sample)."""
+        if new_tokens is None and self.pool.scorer in TRAINING_FREE:
+            return
         new = self.pool.eval_tokens if new_tokens is None else new_tokens
         p = self.pool.prompt_tokens
         # the sample's last token is fed with the turn (it was never fed back): part of ``new``
@@ -336,6 +361,7 @@ def simulate(pool: Pool, method: str, config: dict[str, Any]) -> Outcome:
     """Dispatch one (method, config) of the sweep grid (a ``VARIANTS`` method: its base method, with the
     rules its configuration names)."""
     stop, selector = rules_of(config)
+    pool = pool.scored_by(config.get("scorer", "self-eval"))
     kind = base_method(method)
     by, seed = config.get("prune_by", "score"), config.get("seed", 0)
     if kind == "greedy":

@@ -6,6 +6,12 @@ cannot pass), (2) the chat template is derived from the served model's own token
 readable here (SGLang's frontend otherwise guesses by model path), (3) every request states the
 sampling fields the server would otherwise fill from its defaults (``NEUTRAL_SAMPLING``), and (4)
 connection and server errors become one-line ``BackendUnavailableError``s.
+
+The training-free scorers (``scorers.py``) read ``meta_info["output_top_logprobs"]`` of the sample
+requests, as the frontend passes ``return_logprob`` / ``top_logprobs_num`` / ``return_text_in_logprobs``
+through unchanged: per generated token a list of ``[logprob, token_id, text or null]``, the in-process
+backend's shape. A server reports sampled tokens' log-probabilities at the sampling temperature unless it
+runs with ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` (then at temperature 1, as the in-process backend does).
 """
 
 from __future__ import annotations
