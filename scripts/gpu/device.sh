@@ -188,7 +188,10 @@ server_cmd() {  # MODEL -> CMD: the server's command line (FLAGS from server_fla
     # (FP32_HEAD means nothing to the in-process backend; in the command it tells the two servers apart)
     CMD=(env "FP32_HEAD=$FP32_HEAD" "${SGLA[@]}" serve --model "$1" --port "$PORT" --device "$DEVICE")
   else
-    CMD=("$PY" -m sglang.launch_server --model-path "$1" --host 127.0.0.1 --port "$PORT" "${FLAGS[@]}")
+    # token log-probabilities of the model itself, not of the tempered sampling distribution (the
+    # confidence / self-certainty scorers read them; the in-process backend returns the same)
+    CMD=(env SGLANG_RETURN_ORIGINAL_LOGPROB=1 "$PY" -m sglang.launch_server --model-path "$1" --host 127.0.0.1
+      --port "$PORT" "${FLAGS[@]}")
   fi
 }
 
