@@ -72,6 +72,8 @@ RULES = [
     dict(selector="majority", stop="beta", stop_confidence=0.7),
     dict(selector="majority", stop="esc", stop_window=2),
     dict(selector="weighted-majority", vote_temperature=1.0, stop="esc", stop_window=2),
+    dict(selector="argmax", stop="deepconf", stop_warmup=2, stop_percentile=50.0),
+    dict(selector="majority", stop="deepconf", stop_warmup=1, stop_percentile=0.0),
 ]
 
 
