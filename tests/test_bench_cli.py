@@ -265,3 +265,16 @@ def test_the_help_lists_every_bench_method():
     from sgl_adaptive.bench.methods import METHODS
 
     assert ALL_METHODS.split(",") == list(METHODS)
+
+
+def test_throughput_bench_compares_the_engine_with_generate(tiny_model_dir):
+    """The decode-speed comparison runs end to end (figures only mean something on the real model)."""
+    from sgl_adaptive.bench.throughput import app as throughput_app
+
+    res = CliRunner().invoke(
+        throughput_app,
+        ["--model", str(tiny_model_dir), "--dtype", "float32", "--batches", "1,2", "--tokens", "4",
+         "--repeats", "1", "--compare-generate"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "batch   2" in res.output and res.output.count("engine / generate") == 2
