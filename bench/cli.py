@@ -28,7 +28,7 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 ALL_METHODS = (
-    "greedy,best-of-n,rm-best-of-n,judge-best-of-n,majority,oracle,weighted-majority,adaptive,"
+    "greedy,best-of-n,confidence-best-of-n,self-certainty-best-of-n,rm-best-of-n,judge-best-of-n,majority,oracle,weighted-majority,adaptive,"
     "adaptive-consistency,esc,deepconf,prune,adaptive-prune,adaptive-no-anneal,best-of-n-anneal,random-prune"
 )
 """Every bench method (``bench.methods.METHODS``, which a test keeps equal), for the help without the import."""

@@ -24,6 +24,7 @@ from rich.console import Console
 
 from sgl_adaptive.config import MethodConfig
 from sgl_adaptive.errors import UserError
+from sgl_adaptive.scorers import TRAINING_FREE
 
 from .datasets import Dataset, Item, answer_key, grade, load_dataset_items
 from .judge import DEFAULT_JUDGE_PROMPT, judge_config
@@ -430,7 +431,16 @@ def draw_pool(backend: Any, item: Item, cfg: MethodConfig, budgets: tuple[int, .
     from sgl_adaptive.runner import run_program
 
     recorder = _Recorder(sample_pool)
-    result = run_program(recorder, item.prompt, backend, cfg, "pool", budgets=budgets, evaluate=True)
+    result = run_program(
+        recorder,
+        item.prompt,
+        backend,
+        cfg,
+        "pool",
+        budgets=budgets,
+        evaluate=True,
+        free_scorers=TRAINING_FREE,
+    )
     sample_prompts = [r.prompt_tokens for r in recorder.records if r.kind == "sample"]
     shape = getattr(backend, "model_shape", None)
     per_eval = result.costs.eval_prefill_per_eval
@@ -468,6 +478,10 @@ def build_pool(
                 quality=qualities[i],
                 answer=answer_key(item.task, c["text"]),
                 temperature=c["temperature"],
+                free_scores={
+                    name: tuple((int(t), float(v)) for t, v in values)
+                    for name, values in c.get("free_scores", {}).items()
+                },
                 **extra,
             )
         )
@@ -486,6 +500,7 @@ def _run_sweep(
         "anneal_best_of_n": anneal,
         "budgets": plan.budgets,
         "selfeval": MethodConfig().selfeval.prompt,
+        "free_scorers": list(TRAINING_FREE),  # pools drawn before these were recorded are not reused
     }
     pool_id = config_hash({"model": model, "dataset": data.name, "split": data.split, **pool_config})
     family = Family(model, data.name, data.split, data.task, "sweep", opts.max_new_tokens, pool_id)

@@ -29,6 +29,8 @@ from .store import config_hash
 METHODS: tuple[str, ...] = (
     "greedy",
     "best-of-n",
+    "confidence-best-of-n",
+    "self-certainty-best-of-n",
     "rm-best-of-n",
     "judge-best-of-n",
     "majority",
@@ -45,6 +47,8 @@ METHODS: tuple[str, ...] = (
     "random-prune",
 )
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "confidence-best-of-n": ("best-of-n", {"scorer": "confidence"}),
+    "self-certainty-best-of-n": ("best-of-n", {"scorer": "self-certainty"}),
     "weighted-majority": ("best-of-n", {"selector": "weighted-majority", "vote_temperature": 0.1}),
     "adaptive-consistency": ("adaptive", {"selector": "majority", "stop": "beta", "stop_confidence": 0.95}),
     "esc": ("adaptive", {"selector": "majority", "stop": "esc", "stop_window": 4}),

@@ -85,6 +85,8 @@ class Sample:
     scores: list[tuple[int, float]] = field(default_factory=list)
     top_logprobs: list[Any] = field(default_factory=list)
     """Per generated token, its top-k log-probability entries (training-free scorers only)."""
+    free_scores: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """Training-free scores recorded beside ``scores`` (the bench's pool: ``sample_pool(free_scorers=…)``)."""
 
     @property
     def done(self) -> bool:
@@ -95,12 +97,13 @@ class Sample:
     def score(self) -> float | None:
         return self.scores[-1][1] if self.scores else None
 
-    def extend(self, max_tokens: int, config: MethodConfig) -> None:
+    def extend(self, max_tokens: int, config: MethodConfig, with_logprobs: bool = False) -> None:
         """Queue the generation of up to ``max_tokens`` more tokens (asynchronous); with a training-free
-        scorer, ask for each generated token's top-k log-probabilities (no text: only the values are read)."""
+        scorer (or ``with_logprobs``), ask for each generated token's top-k log-probabilities (no text:
+        only the values are read)."""
         scorer = config.scorer_rule()
         logprobs: dict[str, Any] = {}
-        if scorer.training_free:
+        if scorer.training_free or with_logprobs:
             logprobs = dict(return_logprob=True, top_logprobs_num=scorer.top_k, return_text_in_logprobs=False)
         self.state += sgl.gen(
             f"part{self.parts}",
@@ -138,6 +141,7 @@ class Sample:
             round=self.round,
             pruned=self.pruned,
             scores=list(self.scores),
+            free_scores={name: list(values) for name, values in self.free_scores.items()},
         )
 
 
@@ -188,10 +192,10 @@ def draw_pool(run: ProgramRun, s: Any) -> list[Sample]:
     return draw(run, s, [anneal(k) for k in range(config.n)], round_index=0, first_index=0)
 
 
-def generate(run: ProgramRun, samples: list[Sample], max_tokens: int) -> None:
+def generate(run: ProgramRun, samples: list[Sample], max_tokens: int, with_logprobs: bool = False) -> None:
     """Extend every sample by up to ``max_tokens`` tokens concurrently; wait; account the longest."""
     for smp in samples:
-        smp.extend(max_tokens, run.config)
+        smp.extend(max_tokens, run.config, with_logprobs)
     longest = 0
     for smp in samples:
         longest = max(longest, smp.collect(run.meter, run.config.max_new_tokens))

@@ -23,6 +23,8 @@ class Candidate:
     pruned: bool = False
     scores: list[tuple[int, float]] = field(default_factory=list)
     """Every evaluation of this sample as (tokens generated when evaluated, score)."""
+    free_scores: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """Training-free scores at the same points, by scorer name (only the bench's pools record them)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The candidate as plain JSON-ready values."""
@@ -35,6 +37,11 @@ class Candidate:
             "round": self.round,
             "pruned": self.pruned,
             "scores": [list(s) for s in self.scores],
+            **(
+                {"free_scores": {k: [list(s) for s in v] for k, v in self.free_scores.items()}}
+                if self.free_scores
+                else {}
+            ),
         }
 
 

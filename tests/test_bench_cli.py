@@ -278,3 +278,22 @@ def test_throughput_bench_compares_the_engine_with_generate(tiny_model_dir):
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "batch   2" in res.output and res.output.count("engine / generate") == 2
+
+
+def test_sweep_replays_the_training_free_scorers_from_the_pool(tiny_model_dir, questions, tmp_path):
+    """The pool records the training-free scores beside the self-evaluations, so a sweep replays
+    Best-of-N by confidence and by self-certainty without a new generation or any evaluation."""
+    methods = "best-of-n,confidence-best-of-n,self-certainty-best-of-n"
+    res = bench("--model", str(tiny_model_dir), "--dataset", str(questions), "--out", str(tmp_path),
+                "--methods", methods, "--mode", "sweep", "--n", "4", "--max-new-tokens", "8", "--budgets", "4")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    pool = next(p for p in read_lines(tmp_path / "pools.jsonl") if p["kind"] == "pool")
+    for c in pool["candidates"]:
+        assert set(c["free_scores"]) == {"confidence", "self-certainty"}
+        assert [t for t, _ in c["free_scores"]["confidence"]] == [t for t, _ in c["scores"]]
+    lines = results(tmp_path)
+    by_method = {m: [x for x in lines if x["method"] == m] for m in methods.split(",")}
+    assert all(by_method.values()), {m: len(v) for m, v in by_method.items()}
+    for m in ("confidence-best-of-n", "self-certainty-best-of-n"):
+        assert all(x["costs"]["self_evals"] == 0 for x in by_method[m])
+    assert any(x["costs"]["self_evals"] > 0 for x in by_method["best-of-n"])
