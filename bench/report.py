@@ -31,8 +31,19 @@ SCORER_OF = {
     "adaptive-prune": "best-of-n",
     "rm-best-of-n": "rm-best-of-n",
     "judge-best-of-n": "judge-best-of-n",
+    "confidence-best-of-n": "confidence-best-of-n",
+    "self-certainty-best-of-n": "self-certainty-best-of-n",
+    "weighted-majority": "best-of-n",
+    "deepconf": "best-of-n",
+    "random-prune": "best-of-n",
+    "adaptive-no-anneal": "best-of-n",
+    "best-of-n-anneal": "best-of-n",
+    "majority": "majority",
+    "adaptive-consistency": "majority",
+    "esc": "majority",
 }
-"""The Best-of-N whose gain a method's "% of max" is measured against (the same scorer)."""
+"""The Best-of-N whose gain a method's "% of max" is measured against (the same scorer; the methods
+that vote against majority vote over the same N)."""
 COST_FIELDS = (
     "samples",
     "batches",
