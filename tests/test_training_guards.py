@@ -402,3 +402,26 @@ def test_train_json_stdout_is_one_object(tiny_model_dir, tiny_data, tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["steps"] == 2
     assert "'loss'" in res.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_finite_check_reads_every_chunk_and_survives_overflowing_sums(dtype, monkeypatch):
+    import torch
+
+    from sgl_adaptive import weights
+
+    monkeypatch.setattr(weights, "CHUNK_ELEMENTS", 8)
+    t = torch.zeros(5, 7, dtype=getattr(torch, dtype))  # 35 elements: 5 chunks, the last one short
+    assert weights.is_finite(t)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u.view(-1)[-1] = bad  # in the short last chunk
+        assert not weights.is_finite(u)
+    cancel = t.clone()
+    cancel.view(-1)[:2] = torch.tensor([float("inf"), float("-inf")])  # sums to NaN, not to a finite value
+    assert not weights.is_finite(cancel)
+    huge = torch.full((5, 7), 3e38, dtype=getattr(torch, dtype))  # finite, but every chunk's sum overflows
+    assert weights.is_finite(huge)
+    assert weights.non_finite_tensors([("ok", t), ("ids", torch.ones(3, dtype=torch.long)), ("bad", u)]) == [
+        "bad"
+    ]
