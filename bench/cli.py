@@ -29,7 +29,7 @@ err = Console(stderr=True)
 
 ALL_METHODS = (
     "greedy,best-of-n,confidence-best-of-n,self-certainty-best-of-n,rm-best-of-n,judge-best-of-n,majority,oracle,weighted-majority,adaptive,"
-    "adaptive-consistency,esc,deepconf,prune,adaptive-prune,adaptive-no-anneal,best-of-n-anneal,random-prune"
+    "adaptive-consistency,esc,deepconf,prune,adaptive-prune,adaptive-no-anneal,best-of-n-anneal,random-prune,budget-matched"
 )
 """Every bench method (``bench.methods.METHODS``, which a test keeps equal), for the help without the import."""
 
@@ -71,9 +71,7 @@ def bench(
     ] = None,
     methods: Annotated[
         str,
-        typer.Option(
-            help=f"Comma-separated, or 'all' (a sweep skips the live-only ablations): {ALL_METHODS}."
-        ),
+        typer.Option(help=f"Comma-separated, or 'all' (every method the --mode runs): {ALL_METHODS}."),
     ] = ("greedy,best-of-n,adaptive,prune"),
     n: Annotated[int, typer.Option(help="Sample budget N.")] = 16,
     max_new_tokens: Annotated[int, typer.Option(help="Token budget per sample.")] = 512,
@@ -156,7 +154,7 @@ def bench(
             data_root=data_root,
             task=task,
             limit=limit,
-            methods=methods.split(","),  # 'all' is expanded by the harness (live-only ablations skip sweeps)
+            methods=methods.split(","),  # 'all' is expanded by the harness (the methods --mode runs)
             n=n,
             max_new_tokens=max_new_tokens,
             mode=mode,

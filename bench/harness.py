@@ -28,7 +28,17 @@ from sgl_adaptive.scorers import TRAINING_FREE
 
 from .datasets import Dataset, Item, answer_key, grade, load_dataset_items
 from .judge import DEFAULT_JUDGE_PROMPT, judge_config
-from .methods import LIVE_ONLY, METHODS, PRUNING, LiveContext, costs_dict, label, live_jobs, run_live
+from .methods import (
+    METHODS,
+    PRUNING,
+    LiveContext,
+    costs_dict,
+    label,
+    live_jobs,
+    mode_refusal,
+    run_live,
+    runs_in,
+)
 from .store import JsonlStore, config_hash
 from .sweep import Pool, PoolSample, sample_counts, simulate, sweep_grid
 
@@ -96,16 +106,15 @@ def validate(opts: BenchOptions) -> Plan:
         raise UserError(f"--mode must be live or sweep (got {opts.mode!r})")
     methods = list(dict.fromkeys(m.strip() for m in opts.methods if m.strip()))
     if methods == ["all"]:
-        methods = [m for m in METHODS if opts.mode == "live" or m not in LIVE_ONLY]
+        methods = [m for m in METHODS if runs_in(m, opts.mode)]
     if not methods:
         raise UserError("--methods is empty")
     for m in methods:
         if m not in METHODS:
             raise UserError(f"unknown method {m!r}; choose from {', '.join(METHODS)} (or all)")
-        if m in LIVE_ONLY and opts.mode == "sweep":
-            raise UserError(
-                f"{m} changes the sampling temperatures: live mode only (a sweep replays one pool)"
-            )
+        refusal = mode_refusal(m, opts.mode)
+        if refusal:
+            raise UserError(refusal)
     for name, value in (
         ("--n", opts.n),
         ("--max-new-tokens", opts.max_new_tokens),
@@ -598,6 +607,8 @@ def _run_sweep(
                         pool_wall_s=pool_rec["costs"]["wall_s"],
                         time=_now(),
                     )
+                    if out.matched_tokens is not None:  # budget-matched: the tokens of its pruning
+                        line["matched_tokens"] = out.matched_tokens
                     results.append(line)
             progress.advance()
 

@@ -6,6 +6,9 @@ are the ``VARIANTS`` (those methods with fixed rules, or the paper's ablations).
 ``oracle`` and ``rm-best-of-n`` draw N unscored samples with ``sample_pool(evaluate=False)``; within
 one question they share that draw (same program, same seed: the samples and costs of separate
 runs), and ``rm-best-of-n`` adds the reward model's reads to the costs.
+
+Most methods run in both modes; ``ONLY_MODE`` names the few that cannot, and why. ``budget-matched``
+(the compute-matched control for pruning) exists only in a sweep (``sweep.budget_matched``).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ METHODS: tuple[str, ...] = (
     "adaptive-no-anneal",
     "best-of-n-anneal",
     "random-prune",
+    "budget-matched",
 )
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "confidence-best-of-n": ("best-of-n", {"scorer": "confidence"}),
@@ -60,9 +64,26 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 """Bench methods that are a library method with fixed rules (``sgl_adaptive.rules``), or one of the
 paper's ablations (no annealing, annealing on plain Best-of-N, random pruning): the base method and
 the fields its configurations add."""
-LIVE_ONLY = ("adaptive-no-anneal", "best-of-n-anneal")
-"""Ablations that change the sampling temperatures: a sweep replays one drawn pool, so live mode only."""
-PRUNING = ("prune", "adaptive-prune", "random-prune")
+ONLY_MODE: dict[str, tuple[str, str]] = {
+    "adaptive-no-anneal": (
+        "live",
+        "a sweep replays one pool drawn at one temperature schedule; a sweep with --anneal none "
+        "gives this ablation's numbers as its adaptive rows",
+    ),
+    "best-of-n-anneal": (
+        "live",
+        "a sweep replays one pool drawn at one temperature schedule; under --anneal paper a sweep's "
+        "best-of-n rows are already annealed",
+    ),
+    "budget-matched": (
+        "sweep",
+        "it fits whole samples into the tokens prune spent on the same question, so it needs prune's "
+        "spend and each sample's length before drawing it: only a pool has both",
+    ),
+}
+"""Methods that run in one mode only: method -> (that mode, why)."""
+PRUNING = ("prune", "adaptive-prune", "random-prune", "budget-matched")
+"""Methods that read --prune-at and --keep (``budget-matched`` to match prune's tokens there)."""
 PLAIN_POOL = ("majority", "oracle", "rm-best-of-n")
 """Methods that select among N unscored samples."""
 
@@ -70,6 +91,19 @@ PLAIN_POOL = ("majority", "oracle", "rm-best-of-n")
 def base_method(method: str) -> str:
     """The library method (``sgl_adaptive.run``) a bench method runs, or the method itself."""
     return VARIANTS[method][0] if method in VARIANTS else method
+
+
+def runs_in(method: str, mode: str) -> bool:
+    """Whether ``method`` has configurations in ``mode`` (live or sweep)."""
+    return ONLY_MODE.get(method, (mode, ""))[0] == mode
+
+
+def mode_refusal(method: str, mode: str) -> str | None:
+    """The one-line error for asking ``method`` in a mode it does not run in (None when it does)."""
+    if runs_in(method, mode):
+        return None
+    only, why = ONLY_MODE[method]
+    return f"{method} runs in {only} mode only: use --mode {only} ({why})"
 
 
 def label(method: str, config: dict[str, Any]) -> str:
@@ -92,11 +126,14 @@ def live_jobs(
     reward_model: str | None = None,
     judge_prompt: str | None = None,
 ) -> list[tuple[str, dict[str, Any]]]:
-    """Every (method, config) of a live run. ``base`` holds n, max_new_tokens, temperature, top_p, anneal,
-    seed; each config keeps only the knobs its method reads (so greedy is shared across --n)."""
+    """Every (method, config) of a live run (none for a sweep-only method). ``base`` holds n,
+    max_new_tokens, temperature, top_p, anneal, seed; each config keeps only the knobs its method reads
+    (so greedy is shared across --n)."""
     common = {k: base[k] for k in ("n", "max_new_tokens", "temperature", "top_p", "seed")}
     jobs: list[tuple[str, dict[str, Any]]] = []
     for method in methods:
+        if not runs_in(method, "live"):
+            continue
         extra = VARIANTS[method][1] if method in VARIANTS else {}
         kind = base_method(method)
         if kind == "adaptive" and extra.get("stop", "threshold") != "threshold":

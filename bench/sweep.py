@@ -11,7 +11,9 @@ judge score of the final response, and the training-free scores at the same poin
   (by default the best final score reaches the threshold; 1.0 never stops), then the selector picks;
 - early pruning at budget b keeping k: rank all samples by their score at b, finish the top k;
   samples finished by b are complete and stay eligible; the selector picks among the eligible;
-- adaptive + pruning: adaptive rounds, each pruned to ``round_keep`` of its samples.
+- adaptive + pruning: adaptive rounds, each pruned to ``round_keep`` of its samples;
+- budget-matched (sweep only): best-of-m over the first m samples, m the most whole samples that fit in
+  the generated tokens early pruning at the same budget and keep spent on the question.
 
 Every decision (batch schedule, stop rule, pruning rank, selection, vote) is the programs' own, from
 ``sgl_adaptive.rules`` and ``sgl_adaptive.schedules``; ties go to the earliest-drawn sample. Costs are
@@ -35,7 +37,7 @@ from sgl_adaptive.schedules import batch_sizes
 from sgl_adaptive.scorers import SCORERS as SCORER_NAMES
 from sgl_adaptive.scorers import TRAINING_FREE
 
-from .methods import LIVE_ONLY, VARIANTS, base_method
+from .methods import VARIANTS, base_method, runs_in
 
 ARGMAX = Selector("argmax")
 
@@ -127,6 +129,8 @@ class Outcome:
     """The samples the method drew, in draw order."""
     rm_tokens: int = 0
     rm_flops: float = 0.0
+    matched_tokens: int | None = None
+    """``budget_matched``: the generated tokens of the pruning it is matched to."""
 
 
 class Tally:
@@ -344,6 +348,30 @@ def adaptive_prune(
     return tally.outcome(chosen, drawn, finals[chosen])
 
 
+def samples_within(tokens: Sequence[int], budget: int) -> int:
+    """How many whole samples, taken in draw order, fit in ``budget`` generated tokens: the largest m
+    with tokens[0] + ... + tokens[m - 1] <= budget, stopping at the first that does not fit; at least
+    1 (a method must answer), even when the first sample alone exceeds the budget."""
+    fitted, spent = 0, 0
+    for t in tokens:
+        if spent + t > budget:
+            break
+        fitted, spent = fitted + 1, spent + t
+    return max(1, fitted)
+
+
+def budget_matched(pool: Pool, budget: int, keep: int, selector: Selector = ARGMAX) -> Outcome:
+    """The compute-matched control for early pruning (our reading of the paper's "pruning at a fixed
+    budget" ablation, without the score): plain sampling given the generated tokens that ``prune(pool, budget, keep)`` spent on
+    this question. Whole samples are drawn in pool order until the next would exceed those tokens
+    (``samples_within``: at least one), then ``selector`` picks among them by their final scores, as
+    best-of-m. No score is read at a pruning point. It answers: does pruning by the score beat simply
+    drawing fewer samples for the same tokens? Sweep only: it needs each sample's length in advance."""
+    spent = prune(pool, budget, keep).costs.generated_tokens
+    out = best_of(pool, samples_within([s.tokens for s in pool.samples], spent), "self", selector)
+    return replace(out, matched_tokens=spent)
+
+
 def rules_of(config: dict[str, Any]) -> tuple[StopRule, Selector]:
     """The stop rule and selector of a sweep configuration (absent keys: the defaults of ``MethodConfig``)."""
     stop = StopRule(
@@ -380,6 +408,8 @@ def simulate(pool: Pool, method: str, config: dict[str, Any]) -> Outcome:
         return adaptive_prune(
             pool, stop.threshold, config["prune_at"], config["keep"], stop, selector, by, seed
         )
+    if kind == "budget-matched":
+        return budget_matched(pool, config["prune_at"], config["keep"], selector)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -403,14 +433,15 @@ def sweep_grid(
 ) -> list[tuple[str, dict[str, Any]]]:
     """Every (method, config) a sweep computes: best-of-k/majority/oracle for k in ``sample_counts``,
     adaptive at each threshold (once for a stop rule that reads none), pruning at each budget x keep,
-    adaptive + pruning at each threshold with one (budget, keep); a ``VARIANTS`` method as its base
-    method with its fields added. Live-only ablations (``LIVE_ONLY``) have no sweep configuration."""
+    adaptive + pruning at each threshold with one (budget, keep), budget-matched at each pruning budget x
+    keep; a ``VARIANTS`` method as its base method with its fields added. Live-only methods
+    (``methods.ONLY_MODE``) have no sweep configuration."""
     grid: list[tuple[str, dict[str, Any]]] = []
     for method in methods:
         extra = VARIANTS[method][1] if method in VARIANTS else {}
         kind = base_method(method)
         configs: list[dict[str, Any]] = []
-        if method in LIVE_ONLY:
+        if not runs_in(method, "sweep"):
             continue
         if kind == "greedy":
             configs.append({})
@@ -420,7 +451,7 @@ def sweep_grid(
             configs.append({"n": n})
         elif kind == "adaptive":
             configs += [{"n": n, "threshold": t} for t in thresholds]
-        elif kind == "prune":
+        elif kind in ("prune", "budget-matched"):
             configs += [{"n": n, "prune_at": b, "keep": k} for b in budgets for k in keeps]
         elif kind == "adaptive-prune":
             configs += [

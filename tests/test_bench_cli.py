@@ -235,6 +235,8 @@ def free_port() -> int:
         (["--methods", "prune", "--prune-at", "512"], "--prune-at must be below"),
         (["--methods", "rm-best-of-n"], "needs --reward-model"),
         (["--mode", "fast"], "--mode must be live or sweep"),
+        (["--methods", "budget-matched"], "budget-matched runs in sweep mode only: use --mode sweep"),
+        (["--mode", "sweep", "--methods", "adaptive-no-anneal"], "runs in live mode only: use --mode live"),
         (["--temperature", "-1"], "--temperature must be >= 0"),
     ],
 )
@@ -297,3 +299,33 @@ def test_sweep_replays_the_training_free_scorers_from_the_pool(tiny_model_dir, q
     for m in ("confidence-best-of-n", "self-certainty-best-of-n"):
         assert all(x["costs"]["self_evals"] == 0 for x in by_method[m])
     assert any(x["costs"]["self_evals"] > 0 for x in by_method["best-of-n"])
+
+
+def test_budget_matched_replays_the_pool_within_the_tokens_prune_spent(tiny_model_dir, questions, tmp_path):
+    """The compute-matched control for pruning, from the tiny model's pools: for every prune_at x keep,
+    the most whole pool samples (in draw order) that fit in prune's generated tokens, picked by argmax of
+    their final self-evaluations."""
+    res = bench("--model", str(tiny_model_dir), "--dataset", str(questions), "--out", str(tmp_path),
+                "--methods", "best-of-n,prune,budget-matched", "--mode", "sweep", "--n", "4",
+                "--max-new-tokens", "8", "--budgets", "2,4")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    pools = {p["qid"]: p for p in read_lines(tmp_path / "pools.jsonl") if p["kind"] == "pool"}
+    lines = results(tmp_path)
+    matched = [x for x in lines if x["method"] == "budget-matched"]
+    assert len(matched) == 4 * 2 * 2  # questions x budgets (2, 4) x keeps (1, 2)
+    prunes = {
+        (x["qid"], x["config"]["prune_at"], x["config"]["keep"]): x for x in lines if x["method"] == "prune"
+    }
+    for x in matched:
+        spent = prunes[x["qid"], x["config"]["prune_at"], x["config"]["keep"]]["costs"]["generated_tokens"]
+        candidates = pools[x["qid"]]["candidates"]
+        tokens = [c["tokens"] for c in candidates]
+        finals = [c["scores"][-1][1] for c in candidates]
+        m = x["drawn"]
+        assert x["matched_tokens"] == spent and x["costs"]["samples"] == m
+        assert x["costs"]["generated_tokens"] == sum(tokens[:m])
+        assert sum(tokens[:m]) <= spent or m == 1
+        assert m == len(tokens) or sum(tokens[: m + 1]) > spent
+        assert x["chosen"] == max(range(m), key=lambda i: (finals[i], -i))
+    assert "budget-matched" in res.output and (tmp_path / "pruning.png").is_file()
+    assert "budget-matched: best-of-m" in (tmp_path / "summary.md").read_text()

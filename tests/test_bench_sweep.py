@@ -10,12 +10,14 @@ from sgl_adaptive.bench.sweep import (
     adaptive,
     adaptive_prune,
     best_of,
+    budget_matched,
     greedy,
     majority,
     oracle,
     percent_of_max,
     prune,
     sample_counts,
+    samples_within,
     simulate,
     sweep_grid,
 )
@@ -153,10 +155,11 @@ def test_percent_of_maximum_improvement():
 def test_grid_and_simulate_cover_every_method():
     methods = ["greedy", "best-of-n", "rm-best-of-n", "judge-best-of-n", "majority", "oracle"]
     methods += ["adaptive", "prune", "adaptive-prune"]
-    methods += ["weighted-majority", "adaptive-consistency", "esc", "random-prune"]
+    methods += ["weighted-majority", "adaptive-consistency", "esc", "random-prune", "budget-matched"]
     grid = sweep_grid(methods, 4, [0.9, 1.0], [8, 16], [1, 2], 8, 1)
     assert sample_counts(4) == [1, 2, 4] and sample_counts(5) == [1, 2, 4, 5]
-    assert len(grid) == 1 + 5 * 3 + 2 + 4 + 2 + (3 + 1 + 1 + 4)
+    assert len(grid) == 1 + 5 * 3 + 2 + 4 + 2 + (3 + 1 + 1 + 4 + 4)
+    assert [c for m, c in grid if m == "budget-matched"] == [c for m, c in grid if m == "prune"]
     assert sweep_grid(["adaptive-no-anneal", "best-of-n-anneal"], 4, [0.9], [8], [1], 8, 1) == []
     for method, config in grid:
         out = simulate(POOL, method, config)
@@ -243,16 +246,103 @@ def test_live_jobs_of_the_variants():
     ]
 
 
-def test_live_only_ablations_are_refused_in_a_sweep(tmp_path):
+def test_each_method_is_refused_in_the_mode_it_does_not_run_in(tmp_path):
     from sgl_adaptive.bench.harness import BenchOptions, validate
     from sgl_adaptive.errors import UserError
 
-    opts = BenchOptions("gsm8k-dev", tmp_path / "out", methods=["adaptive-no-anneal"], mode="sweep")
-    with pytest.raises(
-        UserError, match="adaptive-no-anneal changes the sampling temperatures: live mode only"
+    for method, mode, other in (
+        ("adaptive-no-anneal", "sweep", "live"),
+        ("best-of-n-anneal", "sweep", "live"),
+        ("budget-matched", "live", "sweep"),
     ):
-        validate(opts)
-    everything = validate(
+        opts = BenchOptions("gsm8k-dev", tmp_path / "out", methods=[method], mode=mode)
+        with pytest.raises(UserError, match=f"^{method} runs in {other} mode only: use --mode {other} "):
+            validate(opts)
+    sweep = validate(
         BenchOptions("gsm8k-dev", tmp_path / "out", methods=["all"], mode="sweep", reward_model="rm")
+    ).methods
+    live = validate(BenchOptions("gsm8k-dev", tmp_path / "out", methods=["all"], reward_model="rm")).methods
+    assert "esc" in sweep and "budget-matched" in sweep and "best-of-n-anneal" not in sweep
+    assert "best-of-n-anneal" in live and "budget-matched" not in live
+
+
+def test_every_method_has_configurations_in_exactly_the_modes_it_runs_in():
+    """The live/sweep audit: each method runs in both modes unless ``ONLY_MODE`` names one."""
+    from sgl_adaptive.bench.methods import METHODS, ONLY_MODE, live_jobs, runs_in
+
+    base = dict(n=4, max_new_tokens=32, temperature=0.7, top_p=1.0, seed=0, anneal="paper")
+    for method in METHODS:
+        live = live_jobs([method], base, [0.9], [8], [1], reward_model="rm", judge_prompt="ok?")
+        sweep = sweep_grid([method], 4, [0.9], [8], [1], 8, 1)
+        assert bool(live) == runs_in(method, "live") and bool(sweep) == runs_in(method, "sweep"), method
+        assert live or sweep, method
+    assert sorted(ONLY_MODE) == ["adaptive-no-anneal", "best-of-n-anneal", "budget-matched"]
+
+
+@pytest.mark.parametrize(
+    ("budget", "fitted"),
+    [(70, 4), (64, 3), (63, 2), (32, 2), (31, 1), (20, 1), (5, 1), (0, 1)],
+)
+def test_samples_within_a_token_budget_are_a_prefix_of_whole_samples(budget, fitted):
+    assert samples_within([20, 12, 32, 6], budget) == fitted  # 20, 32, 64, 70 cumulative
+    assert samples_within([20, 40, 1], 30) == 1  # stops at the first that does not fit
+
+
+@pytest.mark.parametrize(
+    ("prune_at", "keep", "spent", "fitted"), [(8, 1, 54, 2), (16, 1, 50, 2), (8, 3, 70, 4)]
+)
+def test_budget_matched_draws_the_samples_that_fit_in_the_tokens_pruning_spent(prune_at, keep, spent, fitted):
+    pruned = prune(POOL, prune_at, keep)
+    assert pruned.costs.generated_tokens == spent
+    out = budget_matched(POOL, prune_at, keep)
+    plain = best_of(POOL, fitted)
+    assert out.matched_tokens == spent and out.candidates == list(range(fitted))
+    assert (out.chosen, out.costs) == (plain.chosen, plain.costs)  # best-of-m: no pruning-point score
+    assert out.costs.generated_tokens <= spent and out.costs.self_evals == fitted
+    assert simulate(POOL, "budget-matched", {"n": 4, "prune_at": prune_at, "keep": keep}) == out
+
+
+def test_budget_matched_draws_one_sample_even_past_the_budget():
+    # pruning at 8 keeps sample 1 (0.9, complete by 8): 8 + 4 + 4 tokens; sample 0 alone is 32
+    pool = Pool(
+        (
+            PoolSample(32, False, ((8, 0.5), (32, 0.5)), 0.0),
+            PoolSample(4, True, ((4, 0.9),), 1.0),
+            PoolSample(4, True, ((4, 0.8),), 1.0),
+        )
     )
-    assert "esc" in everything.methods and "best-of-n-anneal" not in everything.methods
+    out = budget_matched(pool, 8, 1)
+    assert out.matched_tokens == 16 and out.candidates == [0] and out.costs.generated_tokens == 32
+
+
+def random_pool(seed: int, n: int = 8, limit: int = 16, budgets: tuple[int, ...] = (4, 8)) -> Pool:
+    import random
+
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(n):
+        finished = rng.random() < 0.6
+        tokens = rng.randint(1, limit) if finished else limit
+        scores = [(b, round(rng.random(), 2)) for b in budgets if b < tokens]
+        samples.append(
+            PoolSample(tokens, finished, (*scores, (tokens, round(rng.random(), 2))), rng.random())
+        )
+    return Pool(tuple(samples), prompt_tokens=10, eval_tokens=5, shape=SHAPE)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_budget_matched_spends_at_most_prunings_tokens_and_picks_the_argmax_of_the_most_that_fit(seed):
+    pool = random_pool(seed)
+    tokens = [s.tokens for s in pool.samples]
+    finals = [s.final_score for s in pool.samples]
+    for prune_at in (4, 8):
+        for keep in range(1, pool.n + 1):
+            spent = prune(pool, prune_at, keep).costs.generated_tokens
+            out = budget_matched(pool, prune_at, keep)
+            m = out.costs.samples
+            assert out.candidates == list(range(m)) and out.matched_tokens == spent
+            assert out.costs.generated_tokens == sum(tokens[:m])
+            assert sum(tokens[:m]) <= spent or m == 1  # never more, unless one sample alone exceeds it
+            assert m == pool.n or sum(tokens[: m + 1]) > spent  # the largest count that fits
+            assert out.chosen == max(range(m), key=lambda i: (finals[i], -i))
+            assert out.quality == pool.samples[out.chosen].quality
