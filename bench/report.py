@@ -19,7 +19,7 @@ from rich.table import Table
 
 from sgl_adaptive.errors import UserError
 
-from .methods import METHODS
+from .methods import METHODS, PRUNING
 from .store import config_hash, read_lines
 from .sweep import percent_of_max
 
@@ -36,6 +36,7 @@ SCORER_OF = {
     "weighted-majority": "best-of-n",
     "deepconf": "best-of-n",
     "random-prune": "best-of-n",
+    "budget-matched": "best-of-n",
     "adaptive-no-anneal": "best-of-n",
     "best-of-n-anneal": "best-of-n",
     "majority": "majority",
@@ -252,6 +253,12 @@ def _notes(section: Section) -> list[str]:
             f"Sweep: every row is computed from one pool of samples per question{wall}; costs are what the "
             "method would spend, FLOPs estimated from token counts; wall time is not measured per row."
         )
+    if any(r.method == "budget-matched" for r in section.rows):
+        notes.append(
+            "budget-matched: best-of-m by the final score over the pool's first m samples, m the most whole "
+            "samples that fit in the generated tokens prune spent on that question at the same b and k "
+            "(at least one); no score at a pruning point."
+        )
     notes.append(
         "% of max = (row − greedy) / (Best-of-N by the same scorer − greedy); — where undefined "
         "(no scorer, or Best-of-N no better than greedy)."
@@ -301,7 +308,16 @@ STYLE = {
     "adaptive": ("tab:green", "s"),
     "prune": ("tab:red", "P"),
     "adaptive-prune": ("tab:orange", "X"),
+    "random-prune": ("tab:pink", "v"),
+    "budget-matched": ("teal", "d"),
 }
+PRUNING_LINES = {
+    "prune": ("P", "-", "prune at {b}"),
+    "random-prune": ("v", ":", "random-prune at {b}"),
+    "budget-matched": ("d", "--", "budget-matched to prune at {b}"),
+    "adaptive-prune": ("X", "-.", "adaptive-prune at {b}"),
+}
+"""Pruning plot: each method's marker, line style and legend; the colour is the pruning budget."""
 
 
 def _series(rows: list[Row], x: str) -> dict[str, list[tuple[float, float]]]:
@@ -333,7 +349,7 @@ def plot_section(section: Section, out_dir: Path, suffix: str = "") -> list[str]
         for method, pts in series.items():
             color, marker = STYLE.get(method, ("tab:cyan", "."))
             xs, ys = zip(*pts, strict=True)
-            curve = len(pts) > 1 and method not in ("prune", "adaptive-prune")  # pruning: points, not a curve
+            curve = len(pts) > 1 and method not in PRUNING  # a b x k grid: points, not a curve
             ax.plot(
                 xs,
                 ys,
@@ -347,27 +363,19 @@ def plot_section(section: Section, out_dir: Path, suffix: str = "") -> list[str]
             ax.set_xscale("log")
         ax.set(xlabel=xlabel, ylabel=ylabel)
         written.append(_save(fig, ax, section.title, out_dir / f"{name}{suffix}.png", legend_size=8))
-    pruned = [r for r in section.rows if r.method in ("prune", "adaptive-prune")]
-    if pruned:
+    curves = pruning_series(section.rows)
+    if curves:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        by_budget: dict[Any, list[tuple[float, float, str]]] = defaultdict(list)
-        for row in pruned:
-            tokens = row.mean("generated_tokens") or 0.0
-            key = (row.method, row.config.get("prune_at"))
-            tag = (
-                f"k={row.config.get('keep')}"
-                if row.method == "prune"
-                else f"t={row.config.get('threshold'):g}"
-            )
-            by_budget[key].append((tokens, 100 * row.accuracy, tag))
-        for (method, budget), pts in sorted(by_budget.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
-            pts.sort()
-            color, marker = STYLE[method]
+        budgets = sorted({b for _, b in curves}, key=lambda b: b or 0)
+        for (method, budget), pts in curves.items():
+            marker, linestyle, legend = PRUNING_LINES[method]
             ax.plot(
                 [p[0] for p in pts],
                 [p[1] for p in pts],
                 marker=marker,
-                label=f"{method} at {budget} tokens",
+                linestyle=linestyle,
+                color=f"C{budgets.index(budget) % 10}",
+                label=legend.format(b=budget),
                 alpha=0.85,
             )
             for tokens, acc, tag in pts:
@@ -389,6 +397,25 @@ def plot_section(section: Section, out_dir: Path, suffix: str = "") -> list[str]
         ax.set(xlabel="average generated tokens per question", ylabel=ylabel)
         written.append(_save(fig, ax, section.title, out_dir / f"pruning{suffix}.png", legend_size=7))
     return written
+
+
+def pruning_series(rows: list[Row]) -> dict[tuple[str, Any], list[tuple[float, float, str]]]:
+    """The pruning plot's curves: per (method, pruning budget) of ``PRUNING_LINES``, its rows as (average
+    generated tokens, accuracy %, tag: k=keep, or t=threshold for adaptive-prune), by tokens."""
+    out: dict[tuple[str, Any], list[tuple[float, float, str]]] = defaultdict(list)
+    for row in rows:
+        if row.method not in PRUNING_LINES:
+            continue
+        c = row.config
+        tag = f"t={c.get('threshold'):g}" if row.method == "adaptive-prune" else f"k={c.get('keep')}"
+        out[row.method, c.get("prune_at")].append(
+            (row.mean("generated_tokens") or 0.0, 100 * row.accuracy, tag)
+        )
+    order = list(PRUNING_LINES)
+    return {
+        key: sorted(pts)
+        for key, pts in sorted(out.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1] or 0))
+    }
 
 
 def _save(fig: Any, ax: Any, title: str, path: Path, legend_size: int) -> str:

@@ -88,3 +88,28 @@ def test_report_writes_markdown_and_plots(tmp_path):
 def test_report_of_an_empty_folder_is_an_error(tmp_path):
     with pytest.raises(UserError, match="no results"):
         write_report(tmp_path)
+
+
+def test_budget_matched_and_random_prune_have_rows_percent_and_pruning_curves(tmp_path):
+    from sgl_adaptive.bench.report import pruning_series
+
+    prune_cfg = {"n": 4, "max_new_tokens": 64, "prune_at": 16, "keep": 1}
+    data = lines()
+    for q, (r, m) in enumerate([(0, 1), (1, 0), (1, 1), (0, 0)]):
+        data.append(line(f"q{q}", "random-prune", {**prune_cfg, "prune_by": "random"}, r, samples=4))
+        data.append(line(f"q{q}", "budget-matched", prune_cfg, m, samples=2))
+    (section,) = summarize(data)
+    rows = {r.method: r for r in section.rows}
+    assert [r.method for r in section.rows][-3:] == ["prune", "random-prune", "budget-matched"]
+    # against best-of-n over the same N: (0.5 - 0.25) / (0.75 - 0.25)
+    assert rows["budget-matched"].pct == pytest.approx(50.0)
+    assert rows["random-prune"].pct == pytest.approx(50.0)
+    curves = pruning_series(section.rows)
+    assert list(curves) == [("prune", 16), ("random-prune", 16), ("budget-matched", 16)]
+    assert curves["budget-matched", 16] == [(20.0, 50.0, "k=1")]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in data))
+    write_report(tmp_path, Console(record=True, width=200))
+    md = (tmp_path / "summary.md").read_text()
+    assert "| budget-matched | n=4 prune_at=16 keep=1 | 4 | 50.0% | 50 | 2.00 |" in md
+    assert "budget-matched: best-of-m by the final score" in md
+    assert (tmp_path / "pruning.png").read_bytes()[:4] == b"\x89PNG"
