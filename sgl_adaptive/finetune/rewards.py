@@ -1,5 +1,5 @@
 """Reward sources for labelling: a verifier (GSM8K numbers, MATH via math-verify) or a Hugging Face
-reward model (``AutoModelForSequenceClassification``: ArmoRM, Skywork-Reward, or a tiny one in tests).
+reward model (``sgl_adaptive.reward_model``: ArmoRM, Skywork-Reward, or a tiny one in tests).
 
 A reward is any callable ``(item, responses) -> rewards`` with a ``name`` and a ``verifier`` flag
 (0/1 rewards get the verifier tie margin); tests inject their own.
@@ -71,68 +71,19 @@ class RegexReward:
         return [float(self.pattern.search(r) is not None) for r in responses]
 
 
-class RewardModel:
-    """A sequence-classification reward model scoring [user: prompt][assistant: response] with its own
-    chat template; the reward is ``output.score`` when the model has one (ArmoRM) else ``logits[:, 0]``."""
+class ModelReward:
+    """A reward model (``sgl_adaptive.reward_model.RewardModel``) as a labelling reward (``rm:PATH``)."""
 
     verifier = False
 
-    def __init__(
-        self,
-        path: str,
-        *,
-        device: str | None = None,
-        batch_size: int = 8,
-        max_length: int = 4096,
-        trust_remote_code: bool = False,
-    ) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    def __init__(self, path: str, *, device: str | None = None, trust_remote_code: bool = False) -> None:
+        from sgl_adaptive.reward_model import RewardModel
 
         self.name = f"rm:{path}"
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=dtype, trust_remote_code=trust_remote_code
-            )
-        except (OSError, ValueError) as exc:
-            raise UserError(
-                f"cannot load the reward model {path!r}: {str(exc).strip().splitlines()[0]}"
-            ) from exc
-        self.model.to(self.device).eval()
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.batch_size, self.max_length = batch_size, max_length
-
-    def _text(self, prompt: str, response: str) -> str:
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return f"User: {prompt}\nAssistant: {response}"
+        self.model = RewardModel(path, device, trust_remote_code=trust_remote_code)
 
     def __call__(self, item: PromptItem, responses: Sequence[str]) -> list[float]:
-        import torch
-
-        out: list[float] = []
-        for start in range(0, len(responses), self.batch_size):
-            texts = [self._text(item.prompt, r) for r in responses[start : start + self.batch_size]]
-            batch = self.tokenizer(
-                texts,
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                add_special_tokens=False,
-            ).to(self.device)
-            with torch.no_grad():
-                result = self.model(**batch)
-            scores = getattr(result, "score", None)
-            scores = result.logits[:, 0] if scores is None else scores.reshape(len(texts), -1)[:, 0]
-            out.extend(float(s) for s in scores.float().cpu())
-        return out
+        return self.model.score(item.prompt, responses).scores
 
 
 def reward_from_spec(spec: str, *, device: str | None = None, trust_remote_code: bool = False) -> Any:
@@ -142,5 +93,5 @@ def reward_from_spec(spec: str, *, device: str | None = None, trust_remote_code:
     if spec.startswith("regex:") and spec[6:]:
         return RegexReward(spec[6:])
     if spec.startswith("rm:") and spec[3:].strip():
-        return RewardModel(spec[3:].strip(), device=device, trust_remote_code=trust_remote_code)
+        return ModelReward(spec[3:].strip(), device=device, trust_remote_code=trust_remote_code)
     raise UserError(f"unknown reward {spec!r}: use 'verifier', 'regex:PATTERN' or 'rm:PATH'")
