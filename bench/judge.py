@@ -1,8 +1,8 @@
-"""Zero-shot LLM-as-a-judge: the policy model asked whether its answer is correct (the paper's Table 1
-baseline), as a ``SelfEvalConfig`` for the programs, and a program that judges given responses (sweep).
+"""Zero-shot LLM-as-a-judge over given responses (the sweep's ``judge-best-of-n``): a program that asks the
+policy the judge's question after each response.
 
-The judge answers "Yes"/"No", the same words as the self-evaluation, so the backends' exact answer
-logprobs serve it unchanged; the score is P("Yes") / (P("Yes") + P("No")).
+The judge itself (its question, ``judge_config``, and the ``judge`` scorer of the programs) lives in
+``sgl_adaptive.scorers``; its score is P("Yes") / (P("Yes") + P("No")).
 """
 
 from __future__ import annotations
@@ -14,19 +14,17 @@ import sglang as sgl
 from sgl_adaptive.config import MethodConfig
 from sgl_adaptive.errors import ProgramError, UserError
 from sgl_adaptive.programs.common import EVAL_VAR, ProgramRun, ask_selfeval, open_prompt, raise_fork_error
-from sgl_adaptive.selfeval import SelfEvalConfig, score_from_meta_info
+from sgl_adaptive.scorers import DEFAULT_JUDGE_PROMPT, judge_config
+from sgl_adaptive.selfeval import score_from_meta_info
 
-DEFAULT_JUDGE_PROMPT = 'Is the answer above correct? ("Yes." or "No.")'
-
-
-def judge_config(prompt: str = DEFAULT_JUDGE_PROMPT) -> SelfEvalConfig:
-    return SelfEvalConfig(prompt=prompt, keep_word="Yes", retry_word="No")
+__all__ = ["DEFAULT_JUDGE_PROMPT", "judge_config", "judge_responses", "judge_texts"]
 
 
 @sgl.function
 def judge_responses(s, prompt: str, responses: list[str], config: MethodConfig) -> list[tuple[float, int]]:
-    """Judge each response in its own branch: (score, prompt tokens of the judge request)."""
-    cfg = config.selfeval
+    """Judge each response in its own branch: (score, prompt tokens of the judge request). The question is
+    ``config.evaluation()``: the judge's with ``scorer="judge"`` or a ``selfeval`` set to ``judge_config``."""
+    cfg = config.evaluation()
     with ProgramRun(config) as run:
         open_prompt(run, s, prompt)
         group = run.fork(s, len(responses))

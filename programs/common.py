@@ -1,6 +1,7 @@
 """The building blocks the programs share: opening the prompt, drawing forked samples, extending
-them, scoring them (self-evaluation in side branches, or the training-free scorers from the samples'
-own top-k log-probabilities), and turning them into a ``ProgramOutcome``.
+them, scoring them (self-evaluation or the zero-shot judge in side branches, the training-free scorers
+from the samples' own top-k log-probabilities, or an external reward model), and turning them into a
+``ProgramOutcome``.
 
 This is the programs' whole contact with the SGLang frontend: ``sgl.user``/``assistant_begin``/
 ``assistant_end``/``gen``, ``state.fork``/``join``, ``get_meta_info`` and ``error``.
@@ -21,6 +22,7 @@ from sgl_adaptive.errors import ProgramError, UserError
 from sgl_adaptive.result import Candidate
 from sgl_adaptive.rules import pruned_keep
 from sgl_adaptive.schedules import Annealing
+from sgl_adaptive.scorers import REWARD_MODEL
 from sgl_adaptive.selfeval import SelfEvalConfig, score_from_meta_info
 
 EVAL_VAR = "selfeval"
@@ -48,6 +50,8 @@ class ProgramRun:
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
         self.meter = CostMeter()
+        self.prompt = ""
+        """The user prompt (``open_prompt``): what a reward model reads before each response."""
         self._groups: list[Any] = []
 
     def fork(self, state: Any, n: int) -> Any:
@@ -164,6 +168,7 @@ def open_prompt(run: ProgramRun, s: Any, prompt: str) -> None:
 
     (``fork(n)`` would cache the prompt anyway, through ``commit_lazy_operations``, but that request
     bypasses the programs and so the cost meter; after this one it is a full cache hit.)"""
+    run.prompt = prompt
     s += sgl.user(prompt)
     s += sgl.gen(PROMPT_VAR, max_tokens=0, temperature=0.0, top_p=1.0, **NEUTRAL_SAMPLING)
     meta = s.get_meta_info(PROMPT_VAR)
@@ -222,10 +227,11 @@ def ask_selfeval(state: Any, config: SelfEvalConfig) -> None:
 def self_evaluate(run: ProgramRun, samples: list[Sample]) -> None:
     """Score each sample in a side branch, so the evaluation turn never enters the sample's text.
 
-    The branch closes the (possibly unfinished) assistant turn, asks the evaluation question and
-    opens the assistant turn; one token is decoded with the answer tokens' logprobs.
+    The branch closes the (possibly unfinished) assistant turn, asks the evaluation question (the
+    self-evaluation's, or the zero-shot judge's: ``MethodConfig.evaluation``) and opens the assistant
+    turn; one token is decoded with the answer tokens' logprobs.
     """
-    config = run.config.selfeval
+    config = run.config.evaluation()
     branches = []
     for smp in samples:
         branch = run.fork(smp.state, 1)  # waits for the sample's pending generation
@@ -240,12 +246,30 @@ def self_evaluate(run: ProgramRun, samples: list[Sample]) -> None:
         smp.scores.append((smp.tokens, score_from_meta_info(meta, config).score))
 
 
+def reward_model_score(run: ProgramRun, samples: list[Sample]) -> None:
+    """Score each sample's text so far (finished or not) with the external reward model
+    (``reward_model.shared``: loaded once per process); every read is metered (``CostMeter.record_rm``)."""
+    from sgl_adaptive.reward_model import shared
+
+    if not samples:
+        return
+    model = shared(run.config.reward_model or "")
+    rewards = model.score(run.prompt, [smp.text() for smp in samples])
+    for smp, score, tokens, flops in zip(samples, rewards.scores, rewards.tokens, rewards.flops, strict=True):
+        run.meter.record_rm(tokens, flops)
+        smp.scores.append((smp.tokens, score))
+
+
 def score_samples(run: ProgramRun, samples: list[Sample]) -> None:
-    """Score each sample as generated so far by the configured scorer (``scorers.Scorer``): self-evaluation
-    requests, or, for a training-free scorer, its tokens' top-k log-probabilities (no request)."""
+    """Score each sample as generated so far by the configured scorer (``scorers.Scorer``): evaluation
+    requests (self-eval, judge), the reward model (rm), or, for a training-free scorer, its tokens'
+    top-k log-probabilities (no request)."""
     scorer = run.config.scorer_rule()
-    if not scorer.training_free:
+    if scorer.evaluated:
         self_evaluate(run, samples)
+        return
+    if scorer.kind == REWARD_MODEL:
+        reward_model_score(run, samples)
         return
     for smp in samples:
         score = scorer.score(smp.top_logprobs)

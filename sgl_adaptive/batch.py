@@ -32,6 +32,7 @@ from sgl_adaptive.errors import UserError
 from sgl_adaptive.finetune.prompts import PromptItem, to_item
 from sgl_adaptive.rules import ALLOCATIONS, allocate, check_name
 from sgl_adaptive.schedules import Annealing
+from sgl_adaptive.scorers import REWARD_MODEL
 
 BUDGET_UNITS: tuple[str, ...] = ("samples", "tokens")
 BATCH_METHODS: tuple[str, ...] = ("best-of-n", "adaptive")
@@ -66,10 +67,12 @@ class BatchSettings:
             raise UserError(f"--budget must be at least 1 (got {self.budget})")
         if self.concurrency < 1:
             raise UserError(f"--concurrency must be at least 1 (got {self.concurrency})")
+        self.config.check_for(self.method)  # e.g. the threshold stop refuses an uncalibrated scorer
 
     @property
     def scored(self) -> bool:
-        """Whether the samples are self-evaluated: the allocation, selector or stop rule reads scores."""
+        """Whether the samples are scored (by ``config.scorer``): the allocation, selector or stop rule reads
+        scores."""
         stops = self.method == "adaptive" and self.config.stop_rule().needs_scores
         return self.allocation == "score" or self.config.selector_rule().needs_scores or stops
 
@@ -84,6 +87,8 @@ class PromptSamples:
     answers: list[str | None] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     self_evals: int = 0
+    rm_tokens: int = 0
+    """Tokens the reward model read (``--scorer rm``)."""
     stopped: bool = False
     """The stop rule held (``adaptive``)."""
 
@@ -103,6 +108,8 @@ class PromptSamples:
             "scores": self.scores,
             "final_answers": self.answers,
         }
+        if config.scorer == REWARD_MODEL:
+            line["rm_tokens"] = self.rm_tokens
         if self.item.reference is not None:
             line["reference"] = self.item.reference
             line["correct"] = is_correct(self.item, self.texts[best])
@@ -296,6 +303,7 @@ def _draw(state: PromptSamples, backend: Any, settings: BatchSettings, max_token
     state.answers.append(extract_number(candidate.text))
     state.tokens.append(candidate.tokens)
     state.self_evals += result.costs.self_evals
+    state.rm_tokens += result.costs.rm_tokens
     if settings.method == "adaptive":
         indices = list(range(len(state.texts)))
         state.stopped = config.stop_rule().should_stop(indices, state.scores, state.answers)

@@ -13,7 +13,7 @@ from sgl_adaptive.config import KNOBS, METHODS, MethodConfig, check_options_used
 from sgl_adaptive.errors import ProgramError, UserError
 from sgl_adaptive.rules import SELECTORS, STOP_RULES
 from sgl_adaptive.runner import check_device, check_dtype, load_backend, read_prompt, run
-from sgl_adaptive.scorers import SCORERS
+from sgl_adaptive.scorers import DEFAULT_JUDGE_PROMPT, SCORERS
 
 app = typer.Typer(
     name="sgl-adaptive",
@@ -82,6 +82,15 @@ def run_command(
     confidence_window: Annotated[
         int, typer.Option(help="confidence: tokens per sliding window of the lowest mean confidence.")
     ] = 64,
+    judge_prompt: Annotated[
+        str, typer.Option(help="judge: the question asked after the response (P(Yes) is the score).")
+    ] = DEFAULT_JUDGE_PROMPT,
+    reward_model: Annotated[
+        str | None,
+        typer.Option(
+            help="rm: the reward model (HF sequence-classification folder or hub name).", metavar="DIR"
+        ),
+    ] = None,
     selector: Annotated[
         str, typer.Option(help=f"Which sample answers: {', '.join(SELECTORS)}.", metavar="NAME")
     ] = "argmax",
@@ -123,6 +132,8 @@ def run_command(
             anneal=anneal,  # type: ignore[arg-type]
             scorer=scorer,
             confidence_window=confidence_window,
+            judge_prompt=judge_prompt,
+            reward_model=reward_model,
             selector=selector,
             vote_temperature=vote_temperature,
             stop=stop,
@@ -137,7 +148,9 @@ def run_command(
         if not endpoint:
             check_dtype(dtype)
             check_device(device)
+        check_reward_model(config)
         backend = load_backend(model, endpoint, seed=seed, device=device, dtype=dtype, console=err)
+        load_reward_model(config, device)
         with err.status(f"running {method} …"):
             result = run(text, backend, method, config, progress=_progress)
     except (UserError, ProgramError) as exc:
@@ -170,6 +183,24 @@ def _given(ctx: typer.Context, names: frozenset[str]) -> set[str]:
     """The options among ``names`` given on the command line (not left at their defaults)."""
     given = ("COMMANDLINE", "ENVIRONMENT")  # by name: typer may carry its own copy of click's enum
     return {name for name in names if getattr(ctx.get_parameter_source(name), "name", None) in given}
+
+
+def check_reward_model(config: MethodConfig) -> None:
+    """The ``--reward-model`` path, checked before torch is imported."""
+    if config.reward_model:
+        from sgl_adaptive.reward_model import check_path
+
+        check_path(config.reward_model)
+
+
+def load_reward_model(config: MethodConfig, device: str | None) -> None:
+    """Load the ``rm`` scorer's reward model into the process registry (``reward_model.shared``), where the
+    programs find it, on ``device`` (default: cuda when available)."""
+    if config.reward_model:
+        from sgl_adaptive.reward_model import shared
+
+        with err.status(f"loading the reward model {config.reward_model} …"):
+            shared(config.reward_model, device)
 
 
 def _progress(line: str) -> None:
@@ -213,6 +244,21 @@ def batch_command(
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     anneal: Annotated[str, typer.Option(help="adaptive: temperature annealing, paper or none.")] = "paper",
+    scorer: Annotated[
+        str, typer.Option(help=f"What scores a sample: {', '.join(SCORERS)}.", metavar="NAME")
+    ] = "self-eval",
+    confidence_window: Annotated[
+        int, typer.Option(help="confidence: tokens per sliding window of the lowest mean confidence.")
+    ] = 64,
+    judge_prompt: Annotated[
+        str, typer.Option(help="judge: the question asked after the response (P(Yes) is the score).")
+    ] = DEFAULT_JUDGE_PROMPT,
+    reward_model: Annotated[
+        str | None,
+        typer.Option(
+            help="rm: the reward model (HF sequence-classification folder or hub name).", metavar="DIR"
+        ),
+    ] = None,
     selector: Annotated[
         str, typer.Option(help=f"Which sample answers: {', '.join(SELECTORS)}.", metavar="NAME")
     ] = "argmax",
@@ -249,6 +295,10 @@ def batch_command(
             temperature=temperature,
             top_p=top_p,
             anneal=anneal,  # type: ignore[arg-type]
+            scorer=scorer,
+            confidence_window=confidence_window,
+            judge_prompt=judge_prompt,
+            reward_model=reward_model,
             selector=selector,
             vote_temperature=vote_temperature,
             stop=stop,
@@ -265,9 +315,12 @@ def batch_command(
         if not endpoint:
             check_dtype(dtype)
             check_device(device)
+        check_reward_model(config)
 
         def backend() -> object:
-            return load_backend(model, endpoint, seed=seed, device=device, dtype=dtype, console=err)
+            loaded = load_backend(model, endpoint, seed=seed, device=device, dtype=dtype, console=err)
+            load_reward_model(config, device)
+            return loaded
 
         summary, even = run_batch_file(
             prompts_file, out, backend, settings, compare_even=compare_even, progress=_progress

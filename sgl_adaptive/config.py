@@ -7,7 +7,7 @@ from typing import Literal
 
 from sgl_adaptive.errors import UserError
 from sgl_adaptive.rules import PRUNE_BY, SELECTORS, STOP_RULES, Selector, StopRule, check_name
-from sgl_adaptive.scorers import SCORERS, Scorer
+from sgl_adaptive.scorers import CALIBRATED, DEFAULT_JUDGE_PROMPT, REWARD_MODEL, SCORERS, Scorer, judge_config
 from sgl_adaptive.selfeval import SelfEvalConfig
 
 Method = Literal["greedy", "best-of-n", "adaptive", "prune", "adaptive-prune"]
@@ -21,6 +21,8 @@ _SAMPLING = {
     "scorer",
     "confidence_window",
     "scorer_top_k",
+    "judge_prompt",
+    "reward_model",
 }
 _STOPPING = {
     "threshold",
@@ -64,8 +66,13 @@ class MethodConfig:
     anneal_best_of_n: bool = False
     """Apply the annealing schedule to plain Best-of-N too (a paper ablation)."""
     scorer: str = "self-eval"
-    """What a sample's score is: self-eval (an evaluation request), confidence or self-certainty (from the
-    sample's own top-k log-probabilities, no request; ``scorers.py``)."""
+    """What a sample's score is: self-eval or judge (an evaluation request), confidence or self-certainty
+    (from the sample's own top-k log-probabilities, no request), rm (an external reward model;
+    ``scorers.py``)."""
+    judge_prompt: str = DEFAULT_JUDGE_PROMPT
+    """judge: the question asked after the response (the score is P("Yes") renormalised)."""
+    reward_model: str | None = None
+    """rm: the reward model's folder or hub name (loaded once per process: ``reward_model.shared``)."""
     confidence_window: int = 64
     """confidence: tokens per sliding window (DeepConf's lowest group confidence)."""
     scorer_top_k: int = 20
@@ -119,6 +126,16 @@ class MethodConfig:
             raise UserError(f"--confidence-window must be at least 1 (got {self.confidence_window})")
         if self.scorer_top_k < 1:
             raise UserError(f"scorer_top_k must be at least 1 (got {self.scorer_top_k})")
+        if not self.judge_prompt.strip():
+            raise UserError("--judge-prompt is empty")
+        if self.scorer == REWARD_MODEL and not self.reward_model:
+            raise UserError(
+                "--scorer rm needs --reward-model DIR (a Hugging Face sequence-classification reward model)"
+            )
+        if self.reward_model is not None and self.scorer != REWARD_MODEL:
+            raise UserError(
+                f"--reward-model is read only by --scorer {REWARD_MODEL} (this run has --scorer {self.scorer})"
+            )
         if self.vote_temperature <= 0:
             raise UserError(f"--vote-temperature must be > 0 (got {self.vote_temperature})")
         if not 0.0 < self.stop_confidence < 1.0:
@@ -132,6 +149,11 @@ class MethodConfig:
 
     def scorer_rule(self) -> Scorer:
         return Scorer(self.scorer, self.confidence_window, self.scorer_top_k)
+
+    def evaluation(self) -> SelfEvalConfig:
+        """What an evaluation request asks and reads: the zero-shot judge's question for ``scorer="judge"``,
+        else the self-evaluation (``selfeval``)."""
+        return judge_config(self.judge_prompt) if self.scorer == "judge" else self.selfeval
 
     def selector_rule(self) -> Selector:
         return Selector(self.selector, self.vote_temperature)
@@ -155,11 +177,12 @@ class MethodConfig:
         if (
             method in ("adaptive", "adaptive-prune")
             and self.stop == "threshold"
-            and self.scorer != "self-eval"
+            and not self.scorer_rule().calibrated
         ):
             raise UserError(
                 f"--stop threshold needs a calibrated score in [0, 1]; the {self.scorer} scorer has none: "
-                f"choose --stop {' or '.join(r for r in STOP_RULES if r != 'threshold')}, or --scorer self-eval"
+                f"choose --stop {' or '.join(r for r in STOP_RULES if r != 'threshold')}, "
+                f"or --scorer {' or '.join(CALIBRATED)}"
             )
 
     def to_dict(self) -> dict:
@@ -174,6 +197,8 @@ RULE_OPTIONS: dict[str, tuple[str, str]] = {
     "stop_percentile": ("stop", "deepconf"),
     "vote_temperature": ("selector", "weighted-majority"),
     "confidence_window": ("scorer", "confidence"),
+    "judge_prompt": ("scorer", "judge"),
+    "reward_model": ("scorer", REWARD_MODEL),
 }
 """Knobs read by one rule only: knob -> (the rule's field, the rule)."""
 

@@ -2,8 +2,9 @@
 
 Every request's ``meta_info`` (SGLang server or in-process backend) carries ``prompt_tokens``,
 ``cached_tokens`` (prompt tokens whose KV came from the prefix cache) and ``completion_tokens``.
-Programs record each request here as a sample request or a self-evaluation; the totals and the
-FLOPs estimate are derived from those records.
+Programs record each request here as a sample request or an evaluation (self-evaluation or judge); the
+totals and the FLOPs estimate are derived from those records. An external reward model's reads (the ``rm``
+scorer) are recorded apart, with the FLOPs the reward model computed them from (``record_rm``).
 """
 
 from __future__ import annotations
@@ -108,7 +109,15 @@ class Costs:
     """New prompt tokens of the self-evaluation requests (ideally just the evaluation turn)."""
     critical_path_tokens: int = 0
     """Tokens decoded on the longest sequential chain (sum over rounds of the longest sample)."""
+    rm_reads: int = 0
+    """Responses (or partial responses) an external reward model read (the ``rm`` scorer)."""
+    rm_tokens: int = 0
+    """Tokens the reward model read: each read is the prompt and the response in full, with the reward
+    model's chat template (it shares no cache with the policy)."""
+    rm_flops: float = 0.0
+    """The reward model's forward FLOPs over those reads (included in ``flops``)."""
     flops: float | None = None
+    """The policy's FLOPs (None when its shape is unknown) plus ``rm_flops``."""
     wall_s: float = 0.0
 
     @property
@@ -124,6 +133,9 @@ class CostMeter:
     samples: int = 0
     batches: int = 0
     critical_path_tokens: int = 0
+    rm_reads: int = 0
+    rm_tokens: int = 0
+    rm_flops: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, kind: RequestKind, meta_info: Mapping[str, Any]) -> RequestRecord:
@@ -147,11 +159,18 @@ class CostMeter:
         with self._lock:
             self.critical_path_tokens += tokens
 
+    def record_rm(self, tokens: int, flops: float) -> None:
+        """One read of an external reward model: ``tokens`` read, ``flops`` spent."""
+        with self._lock:
+            self.rm_reads += 1
+            self.rm_tokens += tokens
+            self.rm_flops += flops
+
     def totals(self, shape: ModelShape | None = None, wall_s: float = 0.0) -> Costs:
         evals = [r for r in self.records if r.kind == "eval"]
         flops = None
         if shape is not None:
-            flops = sum(
+            flops = self.rm_flops + sum(
                 request_flops(shape, r.prompt_tokens, r.cached_tokens, r.completion_tokens)
                 for r in self.records
             )
@@ -164,6 +183,9 @@ class CostMeter:
             self_evals=len(evals),
             eval_prefill_tokens=sum(r.new_prefill for r in evals),
             critical_path_tokens=self.critical_path_tokens,
+            rm_reads=self.rm_reads,
+            rm_tokens=self.rm_tokens,
+            rm_flops=self.rm_flops,
             flops=flops,
             wall_s=wall_s,
         )

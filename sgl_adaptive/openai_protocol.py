@@ -12,19 +12,22 @@ from typing import Any
 from sgl_adaptive.config import KNOBS, METHOD_OPTIONS, METHODS, MethodConfig
 from sgl_adaptive.errors import UserError
 from sgl_adaptive.result import Result
+from sgl_adaptive.scorers import REWARD_MODEL
 
 _RENAMED = {"samples": "n", "max_tokens": "max_new_tokens"}
 """Request fields named otherwise in ``MethodConfig``. OpenAI's ``n`` is the number of choices (only 1 is
 served), so the sample budget is ``samples``; ``max_tokens`` is OpenAI's name for the token budget."""
 if "stop" in KNOBS:  # OpenAI's `stop` means stop sequences: the adaptive stop rule is `stop_rule`
     _RENAMED["stop_rule"] = "stop"
+_SERVER_SIDE = {"reward_model"}
+"""Knobs a client may not set: a reward model is a path on the server's disk, loaded into its memory."""
 KNOB_FIELDS: dict[str, str] = {
     **_RENAMED,
     "seed": "seed",
-    **{knob: knob for knob in sorted(KNOBS) if knob not in _RENAMED.values()},
+    **{knob: knob for knob in sorted(KNOBS - _SERVER_SIDE) if knob not in _RENAMED.values()},
 }
 """Request field -> ``MethodConfig`` field: every knob a method reads (so a knob added to ``MethodConfig``
-and ``METHOD_OPTIONS`` is a request field too), the token budget and the seed."""
+and ``METHOD_OPTIONS`` is a request field too) but the server-side ones, the token budget and the seed."""
 _KNOB_TYPES: dict[str, type] = {
     api: type(f.default) for f in fields(MethodConfig) for api, knob in KNOB_FIELDS.items() if f.name == knob
 }
@@ -99,7 +102,11 @@ def parse_chat_request(body: Any, limits: ServerLimits) -> ChatRequest:
         "max_completion_tokens",
     }
     for name in sorted(body.keys() - known - KNOB_FIELDS.keys() - _NEUTRAL.keys() - _IGNORED):
-        hint = {"best_of": " (the sample budget is `samples`)", "stop": " (stop sequences are not supported)"}
+        hint = {
+            "best_of": " (the sample budget is `samples`)",
+            "stop": " (stop sequences are not supported)",
+            "reward_model": " (a reward model is not chosen per request)",
+        }
         hint = hint.get(name, "")
         raise bad_request(f"unsupported field {name!r}{hint}", name, "unsupported_parameter")
     for name, allowed in _NEUTRAL.items():
@@ -135,6 +142,13 @@ def parse_chat_request(body: Any, limits: ServerLimits) -> ChatRequest:
         body["max_tokens"] = body.pop("max_completion_tokens")
     given = {name: _typed(name, body[name]) for name in KNOB_FIELDS if name in body}
     _check_used(method, given)
+    if given.get("scorer") == REWARD_MODEL:
+        raise bad_request(
+            f"scorer {REWARD_MODEL!r} needs a reward model, and this server has none (sgl-adaptive serve "
+            "loads no reward model); choose another scorer",
+            "scorer",
+            "unsupported_parameter",
+        )
     if given.get("samples", 1) > limits.max_samples:
         raise bad_request(f"samples must be at most {limits.max_samples} on this server", "samples")
     if limits.max_tokens is not None and given.get("max_tokens", 1) > limits.max_tokens:

@@ -83,6 +83,9 @@ class Result:
             "eval_prefill": c.eval_prefill_tokens,
             "eval_prefill_per_eval": c.eval_prefill_per_eval,
             "critical_path_tokens": c.critical_path_tokens,
+            "rm_reads": c.rm_reads,
+            "rm_tokens": c.rm_tokens,
+            "rm_flops": c.rm_flops,
             "flops": c.flops,
             "wall_s": round(c.wall_s, 3),
             "config": self.config,
@@ -98,8 +101,9 @@ class Result:
         per_eval = f"{c.eval_prefill_per_eval:.1f}" if c.eval_prefill_per_eval is not None else "-"
         flops = f"{c.flops:.3g}" if c.flops is not None else "n/a"
         score = f"{self.score:.3f}" if self.score is not None else "-"
+        rm = f"reward model {c.rm_reads} reads ({c.rm_tokens} tok) | " if c.rm_reads else ""
         return (
             f"{self.method}: score {score} | samples {c.samples} in {c.batches} batches | "
             f"generated {c.generated_tokens} tok | prefill {c.prefill_tokens} new + {c.cached_tokens} cached | "
-            f"self-evals {c.self_evals} ({per_eval} new tok each) | FLOPs {flops} | {c.wall_s:.1f} s"
+            f"self-evals {c.self_evals} ({per_eval} new tok each) | {rm}FLOPs {flops} | {c.wall_s:.1f} s"
         )

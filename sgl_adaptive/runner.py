@@ -176,10 +176,10 @@ class ProgressBackend:
     """Delegates to a backend and reports, from the requests it sees, each round, sample and score.
 
     Every sample starts from the same text (the prompt and the opened assistant turn): a request for
-    that text is a new sample, and one after a self-evaluation opens a new round (when the rules read no
-    score, so nothing is evaluated: one while no sample is being generated). A request that continues a
-    sample's text extends it (pruning); a one-token logprob request is a self-evaluation of the sample
-    whose text it extends."""
+    that text is a new sample, and one after a self-evaluation opens a new round (when no evaluation
+    request is sent, because the rules read no score or the scorer needs no request: one while no sample
+    is being generated). A request that continues a sample's text extends it (pruning); a one-token
+    logprob request is an evaluation (self-evaluation or judge) of the sample whose text it extends."""
 
     def __init__(self, backend: Any, config: MethodConfig, report: Progress) -> None:
         self._backend, self._config, self._report = backend, config, report
@@ -191,7 +191,8 @@ class ProgressBackend:
         self._rounds = 0
         self._scored = False
         self._best: float | None = None
-        self._unscored = not (config.selector_rule().needs_scores or config.stop_rule().needs_scores)
+        reads_scores = config.selector_rule().needs_scores or config.stop_rule().needs_scores
+        self._unscored = not (reads_scores and config.scorer_rule().evaluated)
         self._generating = 0
 
     def __getattr__(self, name: str) -> Any:
@@ -241,7 +242,7 @@ class ProgressBackend:
 
     def _evaluated(self, text: str, meta: dict) -> None:
         try:
-            score = score_from_meta_info(meta, self._config.selfeval).score
+            score = score_from_meta_info(meta, self._config.evaluation()).score
         except ValueError:
             return
         with self._lock:

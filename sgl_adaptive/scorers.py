@@ -1,13 +1,19 @@
 """Scorers: how a sample's score is computed (the score every selector, stop rule and pruning rank reads).
 
-- ``self-eval`` (default): the model is asked whether its response is right, in a side branch after
-  the response; the score is P(keep) from the answer tokens' log-probabilities (``selfeval.py``).
+- ``self-eval`` (default): the model is asked whether it would do better, in a side branch after the
+  response; the score is P(keep) from the answer tokens' log-probabilities (``selfeval.py``).
   One evaluation request per scored sample (metered as ``Costs.self_evals``).
+- ``judge``: the zero-shot LLM-as-a-judge, the paper's Table 1 baseline: the same side-branch request, but
+  the policy is asked ``Is the answer above correct? ("Yes." or "No.")`` (``judge_prompt``) and the score
+  is P("Yes") / (P("Yes") + P("No")) (``judge_config``). Counted as evaluations too.
 - ``confidence``: DeepConf's lowest group confidence (Fu et al. 2025, "Deep Think with Confidence",
   arXiv:2508.15260), from the per-token top-k log-probabilities of the sample's own generated tokens.
 - ``self-certainty``: Kang et al. 2025, "Scalable Best-of-N Selection for Large Language
   Models via Self-Certainty"
   (arXiv:2502.18581), from the same top-k log-probabilities.
+- ``rm``: an external reward model (``reward_model.py``, a Hugging Face sequence-classification model)
+  reads the prompt and the response so far; the score is its logit. It runs in this process whatever the
+  backend, and its reads are metered apart (``Costs.rm_reads``, ``rm_tokens``, ``rm_flops``).
 
 The two training-free scorers send no request: the top-k log-probabilities come back with the sample's
 own generation (``return_logprob`` / ``top_logprobs_num``), computed from the logits the decode step
@@ -27,7 +33,8 @@ temperature 1; a log-probability below ``LOGPROB_FLOOR``, an underflowed probabi
   mean token confidence shifted by log k, so it ranks samples like DeepConf's mean trace confidence.)
 
 Higher is more confident for both, and both are comparable within a pool (same model, same k); they are
-not probabilities. So no threshold is calibrated for them: a threshold stop refuses them (``MethodConfig``);
+not probabilities, and neither is a reward model's logit. So no threshold is calibrated for them: a
+threshold stop refuses them (``MethodConfig``; only ``CALIBRATED`` scorers, probabilities in [0, 1], pass);
 the softmax weights of ``weighted-majority`` read them on their own scale (tune ``vote_temperature``).
 A sample with no generated token has no score (None).
 
@@ -44,16 +51,34 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from sgl_adaptive.rules import check_name
+from sgl_adaptive.selfeval import SelfEvalConfig
 
-SCORERS: tuple[str, ...] = ("self-eval", "confidence", "self-certainty")
+SCORERS: tuple[str, ...] = ("self-eval", "confidence", "self-certainty", "rm", "judge")
+EVALUATED: tuple[str, ...] = ("self-eval", "judge")
+"""Scorers that ask the policy a question in a side branch: one evaluation request per score."""
 TRAINING_FREE: tuple[str, ...] = ("confidence", "self-certainty")
 """Scorers computed from the sample's own top-k log-probabilities (no evaluation request)."""
+CALIBRATED: tuple[str, ...] = ("self-eval", "judge")
+"""Scorers whose score is a probability in [0, 1], so that a fixed threshold means something."""
+REWARD_MODEL = "rm"
+"""The scorer that reads the response with an external reward model."""
 LOGPROB_FLOOR = -100.0
 """Log-probabilities are clamped from below here: an SGLang server reports an underflowed probability as
 the float minimum (about -3.4e38), which would swamp every mean."""
 
 TopLogprobs: TypeAlias = Sequence[Sequence[Sequence[Any]]]
 """Per generated token, its top-k entries ``(logprob, token_id, text)`` (``meta_info["output_top_logprobs"]``)."""
+
+
+DEFAULT_JUDGE_PROMPT = 'Is the answer above correct? ("Yes." or "No.")'
+"""The zero-shot judge's question (the ``judge`` scorer; ``--judge-prompt``)."""
+
+
+def judge_config(prompt: str = DEFAULT_JUDGE_PROMPT) -> SelfEvalConfig:
+    """The zero-shot judge as an evaluation request: ``prompt`` asked after the response, the score is
+    P("Yes") / (P("Yes") + P("No")) (the self-evaluation's answer words, read the other way round, so the
+    backends' exact answer-token log-probabilities serve it unchanged)."""
+    return SelfEvalConfig(prompt=prompt, keep_word="Yes", retry_word="No")
 
 
 def token_confidences(top_logprobs: TopLogprobs) -> list[float]:
@@ -118,10 +143,20 @@ class Scorer:
         """Scored from the sample's own top-k log-probabilities, with no evaluation request."""
         return self.kind in TRAINING_FREE
 
+    @property
+    def evaluated(self) -> bool:
+        """Scored by an evaluation request in a side branch (self-eval, judge)."""
+        return self.kind in EVALUATED
+
+    @property
+    def calibrated(self) -> bool:
+        """The score is a probability in [0, 1] (a threshold stop may read it)."""
+        return self.kind in CALIBRATED
+
     def score(self, top_logprobs: TopLogprobs) -> float | None:
         """A training-free scorer's score of a sample (prefix) from its tokens' top-k log-probabilities."""
         if self.kind == "confidence":
             return confidence_score(top_logprobs, self.window)
         if self.kind == "self-certainty":
             return self_certainty_score(top_logprobs)
-        raise ValueError("the self-eval score comes from an evaluation request, not from log-probabilities")
+        raise ValueError(f"the {self.kind} score does not come from the sample's log-probabilities")

@@ -79,10 +79,15 @@ def test_the_scorer_rule_and_its_names():
     assert Scorer("confidence", window=2).score(TOKENS) == pytest.approx(1.25)
     assert Scorer("self-certainty").score(TOKENS) == pytest.approx(6.5 / 4 - math.log(2))
     assert not Scorer().training_free and Scorer("confidence").training_free
-    with pytest.raises(ValueError, match="unknown scorer 'rm'; choose one of self-eval, confidence"):
-        Scorer("rm")
-    with pytest.raises(ValueError, match="not from log-probabilities"):
-        Scorer().score(TOKENS)
+    assert Scorer().evaluated and Scorer("judge").evaluated and not Scorer("rm").evaluated
+    assert [k for k in SCORERS if Scorer(k).calibrated] == ["self-eval", "judge"]
+    with pytest.raises(ValueError, match="unknown scorer 'bogus'; choose one of self-eval, confidence"):
+        Scorer("bogus")
+    for kind in ("self-eval", "judge", "rm"):
+        with pytest.raises(
+            ValueError, match=f"the {kind} score does not come from the sample's log-probabilities"
+        ):
+            Scorer(kind).score(TOKENS)
 
 
 # ---- configuration and command line ------------------------------------------------------------------
