@@ -11,6 +11,7 @@ from sglang.lang.ir import SglSamplingParams
 from sgl_adaptive.backends.prefix_cache import PrefixCache
 from sgl_adaptive.backends.sampling import RowSampling, sample_next
 from sgl_adaptive.errors import PromptTooLongError
+from sgl_adaptive.selfeval import DEFAULT_EVAL_PROMPT, SelfEvalConfig, score_from_meta_info
 
 PROMPT = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -139,3 +140,37 @@ def test_sampler_respects_top_k_and_per_row_generators():
     assert seq1 == seq2  # a row's draws do not depend on its batch neighbours
     top_p_rows = [RowSampling(temperature=1.0, top_p=0.5)]
     assert all(int(sample_next(logits[:1], top_p_rows)[0]) == 1 for _ in range(20))
+
+
+EVAL_TURN = f"<|im_end|>\n<|im_start|>user\n{DEFAULT_EVAL_PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_score_does_not_depend_on_earlier_evaluations_of_the_same_text(tiny_model_dir):
+    """An evaluation whose greedy answer is a token without text (an id past the tokenizer's vocabulary,
+    which the tiny random model's padded head can pick; a skipped special token) once taught the token
+    memo that the evaluation text *ends* with that token, so every later evaluation of the same text read
+    one token more: 0.7169 first, 0.6419 after, on a paused and continued sample in fp32. The score of a
+    text is now the same each time, before and after a cache flush (fp32: prefill against decode KV)."""
+    from sgl_adaptive.backends.local import LocalBackend
+
+    backend = LocalBackend.from_pretrained(str(tiny_model_dir), device="cpu", dtype="float32")
+    config = SelfEvalConfig()
+    evaluate = params(max_new_tokens=1, return_logprob=True)
+    invisible = 0
+    try:
+        for i in range(400):
+            text = PROMPT + f"The answer is {i}." + EVAL_TURN
+            answer, meta = backend.complete(text, evaluate)
+            if answer or meta["finish_reason"]["type"] != "length":  # not an end of turn
+                continue
+            invisible += 1  # the greedy answer decodes to nothing
+            first = score_from_meta_info(meta, config).score
+            again = score_from_meta_info(backend.complete(text, evaluate)[1], config).score
+            backend.flush_cache()
+            fresh = score_from_meta_info(backend.complete(text, evaluate)[1], config).score
+            assert again == pytest.approx(first, abs=1e-6) and fresh == pytest.approx(first, abs=1e-5), i
+            if invisible == 3:
+                break
+    finally:
+        backend.shutdown()
+    assert invisible, "no evaluation answered with a token without text: the test tests nothing"

@@ -123,7 +123,7 @@ class LocalBackend(BaseBackend):
         req = self._request(ids, text, sampling_params, token_ids_logprob)
         out = self.engine.submit(req).result()
         if out.text_ids is not None:
-            self.memo.remember(text + out.text, ids + out.text_ids)
+            self.memo.remember_output(text, ids, out.text, out.text_ids)
         return out.text, out.meta_info
 
     def generate_stream(self, s: StreamExecutor, sampling_params: SglSamplingParams):

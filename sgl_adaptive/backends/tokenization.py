@@ -5,6 +5,11 @@ generated response can choose different tokens than the ones sampled (or move a 
 join), so the prefix cache would miss and a paused sample would continue from other tokens. We
 remember (text, ids) for every prompt and output the backend produced, and encode a new text as
 the ids of its longest remembered prefix plus the tokenisation of the remainder.
+
+An output whose tokens decode to no text (ids past the tokenizer's vocabulary in a padded output head,
+special tokens the decoding skips) is not remembered: the request's own text would then map to its ids
+plus those tokens, and every later request with that text (a re-evaluation of the same response, another
+fork) would read them too.
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ class TokenMemo:
             self._known.move_to_end(text)
             while len(self._known) > self.max_entries:
                 self._known.popitem(last=False)
+
+    def remember_output(self, text: str, ids: list[int], out_text: str, out_ids: list[int]) -> None:
+        """Remember that a request ``text`` (encoded as ``ids``) continued by ``out_text`` is ``ids +
+        out_ids``; nothing when ``out_text`` is empty, so the encoding of ``text`` itself never changes."""
+        if out_text:
+            self.remember(text + out_text, ids + out_ids)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``: exact ids of the longest known prefix + tokenisation of the rest."""
