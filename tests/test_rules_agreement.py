@@ -35,11 +35,7 @@ def _answers_by_length(monkeypatch):
 
 
 def draw_pool(backend, config: MethodConfig, budgets: tuple[int, ...]) -> Result:
-    """The pool, drawn twice. On the in-process backend the first evaluation of a paused and continued
-    sample can differ from every later evaluation of the same text (seen once, on a text holding U+FFFD:
-    0.715 first, 0.652 after; flushing the prefix cache did not restore the first value, so state such
-    as the token memo is involved); the second draw sees what the program will."""
-    run_program(sample_pool, PROMPT, backend, config, name="pool", budgets=budgets)
+    """The pool: every sample scored at each budget, by the same requests the method's program sends."""
     return run_program(sample_pool, PROMPT, backend, config, name="pool", budgets=budgets)
 
 
