@@ -142,6 +142,16 @@ def test_sampler_respects_top_k_and_per_row_generators():
     assert all(int(sample_next(logits[:1], top_p_rows)[0]) == 1 for _ in range(20))
 
 
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_from_pretrained_on_cuda_without_a_gpu_is_a_one_line_error(tiny_model_dir, monkeypatch, device):
+    from sgl_adaptive.backends.local import LocalBackend
+    from sgl_adaptive.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=f"--device {device}: no CUDA GPU is available on this machine"):
+        LocalBackend.from_pretrained(str(tiny_model_dir), device=device)
+
+
 EVAL_TURN = f"<|im_end|>\n<|im_start|>user\n{DEFAULT_EVAL_PROMPT}<|im_end|>\n<|im_start|>assistant\n"
 
 

@@ -85,7 +85,11 @@ class LocalBackend(BaseBackend):
         bf16 on a GPU and on CPUs with native bf16, else fp32 (``precision.default_dtype``)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        device = device or default_device()
+        from sgl_adaptive.runner import check_device
+
+        device = str(device) if device is not None else default_device()
+        if device.startswith("cuda"):
+            check_device(device)  # no CUDA: the CLI's one-line error, not torch's traceback
         try:
             dtype = parse_dtype(dtype)
         except ValueError as exc:
