@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from sgl_adaptive.cli_options import DeviceOption, DtypeOption
+from sgl_adaptive.cli_options import (
+    ConfidenceWindowOption,
+    DeviceOption,
+    DtypeOption,
+    EndpointOption,
+    JudgePromptOption,
+    MaxNewTokensOption,
+    ModelOption,
+    RewardModelOption,
+    ScorerOption,
+    SeedOption,
+    SelectorOption,
+    TopPOption,
+    VoteTemperatureOption,
+    method_config,
+)
 from sgl_adaptive.config import KNOBS, METHODS, MethodConfig, check_options_used
 from sgl_adaptive.errors import ProgramError, UserError
-from sgl_adaptive.rules import SELECTORS, STOP_RULES
+from sgl_adaptive.rules import STOP_RULES
 from sgl_adaptive.runner import check_device, check_dtype, load_backend, read_prompt, run
-from sgl_adaptive.scorers import DEFAULT_JUDGE_PROMPT, SCORERS
+from sgl_adaptive.scorers import DEFAULT_JUDGE_PROMPT
 
 app = typer.Typer(
     name="sgl-adaptive",
@@ -56,11 +72,8 @@ def run_command(
     prompt_file: Annotated[
         str | None, typer.Option(help="Read the prompt from this UTF-8 file instead (- : standard input).")
     ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(help="HF model dir, GGUF file or hub name (default: the embedded 0.5B model)."),
-    ] = None,
-    endpoint: Annotated[str | None, typer.Option(help="URL of a running SGLang server.")] = None,
+    model: ModelOption = None,
+    endpoint: EndpointOption = None,
     method: Annotated[str, typer.Option(help=f"One of: {', '.join(METHODS)}.")] = "adaptive",
     n: Annotated[int, typer.Option(help="Sample budget.")] = 16,
     threshold: Annotated[
@@ -70,33 +83,18 @@ def run_command(
         int, typer.Option(help="Tokens before partial responses are scored (pruning).")
     ] = 128,
     keep: Annotated[int, typer.Option(help="Samples continued after the pruning point (at most --n).")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(help="Token budget per sample.")] = 512,
+    max_new_tokens: MaxNewTokensOption = 512,
     temperature: Annotated[
         float, typer.Option(help="Sampling temperature (annealed by adaptive methods).")
     ] = 0.7,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    top_p: TopPOption = 1.0,
     anneal: Annotated[str, typer.Option(help="Temperature annealing: paper or none.")] = "paper",
-    scorer: Annotated[
-        str, typer.Option(help=f"What scores a sample: {', '.join(SCORERS)}.", metavar="NAME")
-    ] = "self-eval",
-    confidence_window: Annotated[
-        int, typer.Option(help="confidence: tokens per sliding window of the lowest mean confidence.")
-    ] = 64,
-    judge_prompt: Annotated[
-        str, typer.Option(help="judge: the question asked after the response (P(Yes) is the score).")
-    ] = DEFAULT_JUDGE_PROMPT,
-    reward_model: Annotated[
-        str | None,
-        typer.Option(
-            help="rm: the reward model (HF sequence-classification folder or hub name).", metavar="DIR"
-        ),
-    ] = None,
-    selector: Annotated[
-        str, typer.Option(help=f"Which sample answers: {', '.join(SELECTORS)}.", metavar="NAME")
-    ] = "argmax",
-    vote_temperature: Annotated[
-        float, typer.Option(help="weighted-majority: softmax temperature of the scores.")
-    ] = 0.1,
+    scorer: ScorerOption = "self-eval",
+    confidence_window: ConfidenceWindowOption = 64,
+    judge_prompt: JudgePromptOption = DEFAULT_JUDGE_PROMPT,
+    reward_model: RewardModelOption = None,
+    selector: SelectorOption = "argmax",
+    vote_temperature: VoteTemperatureOption = 0.1,
     stop: Annotated[
         str, typer.Option(help=f"When adaptive sampling stops: {', '.join(STOP_RULES)}.", metavar="NAME")
     ] = "threshold",
@@ -110,7 +108,7 @@ def run_command(
     stop_percentile: Annotated[
         float, typer.Option(help="deepconf: the threshold is this percentile (0-100) of the warm-up scores.")
     ] = 90.0,
-    seed: Annotated[int, typer.Option(help="Seed of the in-process backend.")] = 0,
+    seed: SeedOption = 0,
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
@@ -121,36 +119,10 @@ def run_command(
     with best-of-n) is an error."""
     try:
         text = _prompt_text(prompt, prompt_file)
-        config = MethodConfig(
-            n=n,
-            threshold=threshold,
-            prune_at=prune_at,
-            keep=keep,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            anneal=anneal,  # type: ignore[arg-type]
-            scorer=scorer,
-            confidence_window=confidence_window,
-            judge_prompt=judge_prompt,
-            reward_model=reward_model,
-            selector=selector,
-            vote_temperature=vote_temperature,
-            stop=stop,
-            stop_confidence=stop_confidence,
-            stop_window=stop_window,
-            stop_warmup=stop_warmup,
-            stop_percentile=stop_percentile,
-            seed=seed,
-        )
+        config = method_config(ctx)
         config.check_for(method)
         check_options_used(method, _given(ctx, KNOBS), config)
-        if not endpoint:
-            check_dtype(dtype)
-            check_device(device)
-        check_reward_model(config)
-        backend = load_backend(model, endpoint, seed=seed, device=device, dtype=dtype, console=err)
-        load_reward_model(config, device)
+        backend = backend_loader(model, endpoint, seed, device, dtype, config)()
         with err.status(f"running {method} …"):
             result = run(text, backend, method, config, progress=_progress)
     except (UserError, ProgramError) as exc:
@@ -185,22 +157,38 @@ def _given(ctx: typer.Context, names: frozenset[str]) -> set[str]:
     return {name for name in names if getattr(ctx.get_parameter_source(name), "name", None) in given}
 
 
-def check_reward_model(config: MethodConfig) -> None:
-    """The ``--reward-model`` path, checked before torch is imported."""
-    if config.reward_model:
+def backend_loader(
+    model: str | None,
+    endpoint: str | None,
+    seed: int,
+    device: str | None,
+    dtype: str,
+    config: MethodConfig | None = None,
+) -> Callable[[], Any]:
+    """Check the backend options (and ``config``'s reward-model path) now, before torch is imported; return
+    what loads the backend, and the ``rm`` scorer's reward model into ``reward_model.shared`` where the
+    programs find it (on ``device``; default: cuda when available)."""
+    if model and endpoint:
+        raise UserError("give either --model or --endpoint, not both")
+    if not endpoint:
+        check_dtype(dtype)
+        check_device(device)
+    reward_model = config.reward_model if config is not None else None
+    if reward_model:
         from sgl_adaptive.reward_model import check_path
 
-        check_path(config.reward_model)
+        check_path(reward_model)
 
+    def load() -> Any:
+        backend = load_backend(model, endpoint, seed=seed, device=device, dtype=dtype, console=err)
+        if reward_model:
+            from sgl_adaptive.reward_model import shared
 
-def load_reward_model(config: MethodConfig, device: str | None) -> None:
-    """Load the ``rm`` scorer's reward model into the process registry (``reward_model.shared``), where the
-    programs find it, on ``device`` (default: cuda when available)."""
-    if config.reward_model:
-        from sgl_adaptive.reward_model import shared
+            with err.status(f"loading the reward model {reward_model} …"):
+                shared(reward_model, device)
+        return backend
 
-        with err.status(f"loading the reward model {config.reward_model} …"):
-            shared(config.reward_model, device)
+    return load
 
 
 def _progress(line: str) -> None:
@@ -233,38 +221,20 @@ def batch_command(
     method: Annotated[
         str, typer.Option(help="best-of-n, or adaptive (annealed; a prompt closes once --stop holds).")
     ] = "best-of-n",
-    model: Annotated[
-        str | None,
-        typer.Option(help="HF model dir, GGUF file or hub name (default: the embedded 0.5B model)."),
-    ] = None,
-    endpoint: Annotated[str | None, typer.Option(help="URL of a running SGLang server.")] = None,
+    model: ModelOption = None,
+    endpoint: EndpointOption = None,
     n: Annotated[int, typer.Option(help="The most samples one prompt may get.")] = 16,
     concurrency: Annotated[int, typer.Option(help="Prompts sampled at once in a round.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(help="Token budget per sample.")] = 512,
+    max_new_tokens: MaxNewTokensOption = 512,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    top_p: TopPOption = 1.0,
     anneal: Annotated[str, typer.Option(help="adaptive: temperature annealing, paper or none.")] = "paper",
-    scorer: Annotated[
-        str, typer.Option(help=f"What scores a sample: {', '.join(SCORERS)}.", metavar="NAME")
-    ] = "self-eval",
-    confidence_window: Annotated[
-        int, typer.Option(help="confidence: tokens per sliding window of the lowest mean confidence.")
-    ] = 64,
-    judge_prompt: Annotated[
-        str, typer.Option(help="judge: the question asked after the response (P(Yes) is the score).")
-    ] = DEFAULT_JUDGE_PROMPT,
-    reward_model: Annotated[
-        str | None,
-        typer.Option(
-            help="rm: the reward model (HF sequence-classification folder or hub name).", metavar="DIR"
-        ),
-    ] = None,
-    selector: Annotated[
-        str, typer.Option(help=f"Which sample answers: {', '.join(SELECTORS)}.", metavar="NAME")
-    ] = "argmax",
-    vote_temperature: Annotated[
-        float, typer.Option(help="weighted-majority: softmax temperature of the scores.")
-    ] = 0.1,
+    scorer: ScorerOption = "self-eval",
+    confidence_window: ConfidenceWindowOption = 64,
+    judge_prompt: JudgePromptOption = DEFAULT_JUDGE_PROMPT,
+    reward_model: RewardModelOption = None,
+    selector: SelectorOption = "argmax",
+    vote_temperature: VoteTemperatureOption = 0.1,
     stop: Annotated[
         str, typer.Option(help=f"adaptive: when a prompt closes: {', '.join(STOP_RULES)}.", metavar="NAME")
     ] = "threshold",
@@ -276,7 +246,7 @@ def batch_command(
     compare_even: Annotated[
         bool, typer.Option(help="Also run an even split of the same budget and report both accuracies.")
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the in-process backend.")] = 0,
+    seed: SeedOption = 0,
     device: DeviceOption = None,
     dtype: DtypeOption = "auto",
 ) -> None:
@@ -288,40 +258,10 @@ def batch_command(
     from sgl_adaptive.batch import BatchSettings, run_batch_file
 
     try:
-        config = MethodConfig(
-            n=n,
-            threshold=threshold,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            anneal=anneal,  # type: ignore[arg-type]
-            scorer=scorer,
-            confidence_window=confidence_window,
-            judge_prompt=judge_prompt,
-            reward_model=reward_model,
-            selector=selector,
-            vote_temperature=vote_temperature,
-            stop=stop,
-            stop_confidence=stop_confidence,
-            stop_window=stop_window,
-            stop_warmup=stop_warmup,
-            stop_percentile=stop_percentile,
-            seed=seed,
-        )
+        config = method_config(ctx)
         settings = BatchSettings(budget, budget_unit, allocation, method, concurrency, config)
         check_options_used(method, _given(ctx, KNOBS), config)
-        if model and endpoint:
-            raise UserError("give either --model or --endpoint, not both")
-        if not endpoint:
-            check_dtype(dtype)
-            check_device(device)
-        check_reward_model(config)
-
-        def backend() -> object:
-            loaded = load_backend(model, endpoint, seed=seed, device=device, dtype=dtype, console=err)
-            load_reward_model(config, device)
-            return loaded
-
+        backend = backend_loader(model, endpoint, seed, device, dtype, config)
         summary, even = run_batch_file(
             prompts_file, out, backend, settings, compare_even=compare_even, progress=_progress
         )
@@ -387,12 +327,7 @@ def serve_command(
         options = ServerOptions(max_concurrency, max_queue, request_timeout)
         if max_samples < 1:
             raise UserError(f"--max-samples must be at least 1 (got {max_samples})")
-        if model and endpoint:
-            raise UserError("give either --model or --endpoint, not both")
-        if not endpoint:
-            check_dtype(dtype)
-            check_device(device)
-        backend = load_backend(model, endpoint, seed=seed, device=device, dtype=dtype, console=err)
+        backend = backend_loader(model, endpoint, seed, device, dtype)()
         native = None
         if not endpoint:
             from sgl_adaptive.backends.http_server import serve

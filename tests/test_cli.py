@@ -101,3 +101,48 @@ def test_unreachable_endpoint(tmp_path):
 def test_model_directory_without_config(tmp_path):
     res = invoke("run", "hi", "--model", str(tmp_path))
     assert res.exit_code != 0 and "config.json" in res.output
+
+
+def test_run_and_batch_build_the_same_config_from_the_same_options(monkeypatch, tmp_path):
+    """One MethodConfig builder (``cli_options.method_config``): the options both commands share reach the
+    config the same way (the method is never run: the config is caught on its way in)."""
+    import sgl_adaptive.batch
+    import sgl_adaptive.cli
+    from sgl_adaptive.errors import UserError
+
+    seen = []
+
+    def caught(config):
+        seen.append(config)
+        raise UserError("caught")
+
+    monkeypatch.setattr(sgl_adaptive.cli, "backend_loader", lambda *a, **k: lambda: None)
+    monkeypatch.setattr(sgl_adaptive.cli, "run", lambda text, backend, method, config, **k: caught(config))
+    monkeypatch.setattr(
+        sgl_adaptive.batch, "run_batch_file", lambda src, out, b, settings, **k: caught(settings.config)
+    )
+    shared = ["--n", "3", "--max-new-tokens", "7", "--temperature", "0.5", "--top-p", "0.9", "--seed", "4"]
+    shared += ["--scorer", "confidence", "--confidence-window", "8", "--selector", "weighted-majority"]
+    shared += ["--vote-temperature", "0.5", "--stop", "esc", "--stop-window", "2", "--anneal", "none"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "hi"}\n')
+    assert "caught" in invoke("run", "hi", "--method", "adaptive", *shared).output
+    batch = [
+        "batch",
+        str(prompts),
+        "--budget",
+        "3",
+        "--out",
+        str(tmp_path / "o.jsonl"),
+        "--method",
+        "adaptive",
+    ]
+    assert "caught" in invoke(*batch, *shared).output
+    run_config, batch_config = seen
+    assert run_config == batch_config
+    assert (run_config.n, run_config.scorer, run_config.confidence_window, run_config.stop_window) == (
+        3,
+        "confidence",
+        8,
+        2,
+    )
