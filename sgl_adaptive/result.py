@@ -11,7 +11,7 @@ from sgl_adaptive.costs import Costs
 
 @dataclass
 class Candidate:
-    """One sample: its text so far, its latest self-evaluation and how it ended."""
+    """One sample: its text so far, its latest score (by the configured scorer) and how it ended."""
 
     text: str
     score: float | None
@@ -22,7 +22,7 @@ class Candidate:
     round: int = 0
     pruned: bool = False
     scores: list[tuple[int, float]] = field(default_factory=list)
-    """Every evaluation of this sample as (tokens generated when evaluated, score)."""
+    """Every score of this sample as (tokens generated when evaluated, score)."""
     free_scores: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     """Training-free scores at the same points, by scorer name (only the bench's pools record them)."""
 
