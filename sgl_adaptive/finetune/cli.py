@@ -14,6 +14,7 @@ from rich.console import Console
 
 from sgl_adaptive.cli_options import DtypeOption
 from sgl_adaptive.errors import ProgramError, UserError
+from sgl_adaptive.progress import ProgressDisplay, status
 
 app = typer.Typer(
     help="Build self-evaluation data, train the self-evaluator, evaluate it.", no_args_is_help=True
@@ -39,33 +40,15 @@ def _errors():
         raise _fail("interrupted", 130) from None
 
 
-def _progress(description: str):
-    """A rich progress bar with ETA; returns (progress, factory(total) -> advance callback)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def _progress(description: str, unit: str) -> tuple[ProgressDisplay, Any]:
+    """Progress on stderr (rich bars on a terminal, plain periodic lines in a log); returns (display,
+    factory(total, description, unit) -> advance callback)."""
+    display = ProgressDisplay(err)
 
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        console=err,
-        transient=False,
-    )
+    def factory(total: int, what: str = description, units: str = unit) -> Any:
+        return display.task(what, total, unit=units)
 
-    def factory(total: int):
-        task = progress.add_task(description, total=total)
-        return lambda n=1: progress.advance(task, n)
-
-    return progress, factory
+    return display, factory
 
 
 def _json_safe(obj: Any) -> Any:
@@ -174,7 +157,7 @@ def data_command(
         def backend_factory() -> Any:
             if endpoint_backend is not None:
                 return endpoint_backend
-            progress.console.print(f"loading {model_id} …", highlight=False)  # no spinner inside the live bar
+            progress.print(f"loading {model_id} …")  # no spinner inside the live bar
             return load_backend(model_id, None, seed=seed, device=device)  # (a spinner would nest)
 
         def tokenizer_factory(backend: Any) -> tuple[Any, str]:
@@ -196,7 +179,7 @@ def data_command(
             "part": part,
             "prompt_field": prompt_field,
         }
-        progress, factory = _progress("sampling prompts")
+        progress, factory = _progress("sampling prompts", "prompts")
         with progress:
             manifest = build_data(
                 items,
@@ -397,7 +380,6 @@ def _evaluate(
     from sgl_adaptive.finetune.scoring import SelfEvalEncoder, default_device, load_causal_lm, score_examples
     from sgl_adaptive.finetune.train import CHECKPOINT_INFO
     from sgl_adaptive.model_store import resolve_model
-
     try:
         dtype = parse_dtype(dtype_name) or default_dtype(device or default_device())
     except ValueError as exc:
@@ -427,9 +409,9 @@ def _evaluate(
         "base_model": base,
         "data": {"dir": str(data), "split": split, "examples": len(examples)},
     }
-    progress, factory = _progress("scoring")
+    progress, factory = _progress("scoring the model", "examples")
     with progress:
-        with err.status("loading the model …"):
+        with status(err, "loading the model …"):
             tuned, tokenizer = load_causal_lm(model_path, device=device, dtype=dtype)
         encoder = SelfEvalEncoder(tokenizer)
         scores = score_examples(
@@ -437,11 +419,15 @@ def _evaluate(
         )
         report["model"] = evaluate_scores(examples, scores)
         if base:
-            with err.status("loading the base model …"):
+            with status(err, "loading the base model …"):
                 base_model, base_tok = load_causal_lm(base, device=device, dtype=dtype)
             base_encoder = SelfEvalEncoder(base_tok)
             base_scores = score_examples(
-                base_model, base_encoder, examples, batch_tokens=batch_tokens, on_batch=factory(len(examples))
+                base_model,
+                base_encoder,
+                examples,
+                batch_tokens=batch_tokens,
+                on_batch=factory(len(examples), "scoring the base"),
             )
             report["base"] = evaluate_scores(examples, base_scores)
             if drift_samples > 0:
@@ -451,7 +437,7 @@ def _evaluate(
                     encoder,
                     examples,
                     limit=drift_samples,
-                    on_item=factory(len(drift_items(examples, drift_samples))),
+                    on_item=factory(len(drift_items(examples, drift_samples)), "drift", "responses"),
                 )
     headline = ("auroc", "brier", "auroc_ci", "within_prompt_auroc", "within_prompt_prompts")
     report.update({"prompts": report["model"]["prompts"], "best_of_n": report["model"]["best_of_n"]})
