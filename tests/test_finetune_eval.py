@@ -255,3 +255,14 @@ def test_eval_json_carries_the_new_figures(tmp_path, monkeypatch):
     assert report["best_of_n"]["majority"] == 0.0  # answers 0, 0, 1, 1: the first sample's 0 wins the tie
     table = CliRunner().invoke(app, [*args, "--dtype", "float32"])
     assert table.exit_code == 0 and "majority" in table.output, table.output
+
+
+def test_eval_on_cuda_without_a_gpu_is_a_one_line_error(tmp_path, monkeypatch):
+    import torch
+
+    from sgl_adaptive.cli import app
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = CliRunner().invoke(app, ["finetune", "eval", "--data", str(tmp_path), "--device", "cuda"])
+    assert res.exit_code == 2 and "error: --device cuda: no CUDA GPU is available" in res.output, res.output
+    assert "Traceback" not in res.output

@@ -380,6 +380,9 @@ def _evaluate(
     from sgl_adaptive.finetune.scoring import SelfEvalEncoder, default_device, load_causal_lm, score_examples
     from sgl_adaptive.finetune.train import CHECKPOINT_INFO
     from sgl_adaptive.model_store import resolve_model
+    from sgl_adaptive.runner import check_device
+
+    check_device(device)
     try:
         dtype = parse_dtype(dtype_name) or default_dtype(device or default_device())
     except ValueError as exc:
