@@ -184,3 +184,37 @@ def test_a_score_does_not_depend_on_earlier_evaluations_of_the_same_text(tiny_mo
     finally:
         backend.shutdown()
     assert invisible, "no evaluation answered with a token without text: the test tests nothing"
+
+
+def test_a_response_paused_inside_a_character_is_evaluated_on_its_sampled_ids(tiny_model_dir):
+    """A generation cut inside a multi-byte character ends in U+FFFD, which re-tokenises to other ids (its
+    own three bytes): the memo gives the sampled ones back. Scoring it from the KV the decode steps wrote
+    or, after a flush, from one prefill differs only by float noise (fp32; about 1e-3 in bf16)."""
+    from sgl_adaptive.backends.local import LocalBackend
+
+    backend = LocalBackend.from_pretrained(str(tiny_model_dir), device="cpu", dtype="float32")
+    backend.engine.eos_token_ids = frozenset()
+    evaluate = params(max_new_tokens=1, return_logprob=True)
+    try:
+        for _ in range(50):
+            text, meta = backend.complete(
+                PROMPT, params(max_new_tokens=6, temperature=1.0, return_logprob=True)
+            )
+            if text.endswith("\ufffd"):
+                break
+        else:
+            pytest.fail("no sample stopped inside a character")
+        sampled = [token for _, token, _ in meta["output_token_logprobs"]]
+        exact = backend.memo.encode(PROMPT) + sampled
+        assert backend.memo.encode(PROMPT + text) == exact
+        assert backend.tokenizer.encode(PROMPT + text, add_special_tokens=False) != exact
+        first = score_from_meta_info(
+            backend.complete(PROMPT + text + EVAL_TURN, evaluate)[1], SelfEvalConfig()
+        )
+        backend.flush_cache()
+        fresh = score_from_meta_info(
+            backend.complete(PROMPT + text + EVAL_TURN, evaluate)[1], SelfEvalConfig()
+        )
+        assert fresh.score == pytest.approx(first.score, abs=1e-5)
+    finally:
+        backend.shutdown()
