@@ -43,8 +43,8 @@ def duration(seconds: float) -> str:
 
 
 def interactive(console: Console) -> bool:
-    """Whether rich can redraw on ``console`` (a terminal that is not dumb)."""
-    return console.is_terminal and not console.is_dumb_terminal
+    """Whether rich can redraw on ``console`` (a terminal that is not dumb, or a notebook)."""
+    return (console.is_terminal and not console.is_dumb_terminal) or console.is_jupyter
 
 
 def _say(console: Console, line: str) -> None:
