@@ -603,7 +603,7 @@ def _run_sweep(
                         chosen=out.chosen,
                         score=out.score,
                         drawn=len(out.candidates),
-                        costs=costs_dict(out.costs, out.rm_tokens, out.rm_flops, estimated=True),
+                        costs=costs_dict(out.costs, estimated=True),
                         pool_wall_s=pool_rec["costs"]["wall_s"],
                         time=_now(),
                     )

@@ -26,7 +26,7 @@ from sgl_adaptive.rules import Selector, argmax
 from sgl_adaptive.selfeval import SelfEvalConfig
 
 from .datasets import Item, Judge, answer_key, grade
-from .reward import RewardModel
+from .reward import RewardModel, RewardScores
 from .store import config_hash
 
 METHODS: tuple[str, ...] = (
@@ -177,17 +177,26 @@ def method_config(
     return MethodConfig(**kwargs, seed=seed)
 
 
-def costs_dict(
-    costs: Costs, rm_tokens: int = 0, rm_flops: float = 0.0, rm_wall: float = 0.0, estimated: bool = False
-) -> dict[str, Any]:
-    """The cost fields of a result line (reward-model reads added to FLOPs and wall time); an
-    ``estimated`` line (sweep) has no wall time."""
+def costs_dict(costs: Costs, estimated: bool = False) -> dict[str, Any]:
+    """The cost fields of a result line; an ``estimated`` line (sweep) has no wall time."""
     out = dataclasses.asdict(costs)
-    out["wall_s"] = None if estimated else round(out["wall_s"] + rm_wall, 4)
-    if out["flops"] is not None:
-        out["flops"] += rm_flops
-    out.update(rm_tokens=rm_tokens, rm_flops=rm_flops, estimated=estimated)
+    out["wall_s"] = None if estimated else round(out["wall_s"], 4)
+    out["estimated"] = estimated
     return out
+
+
+def with_reward_reads(costs: Costs, rewards: RewardScores, wall_s: float) -> Costs:
+    """``costs`` of a run whose responses a reward model then read outside the program (``rm-best-of-n``
+    scores the finished samples): the reads added as the programs' meter adds them."""
+    flops = sum(rewards.flops)
+    return dataclasses.replace(
+        costs,
+        rm_reads=costs.rm_reads + len(rewards.tokens),
+        rm_tokens=costs.rm_tokens + sum(rewards.tokens),
+        rm_flops=costs.rm_flops + flops,
+        flops=None if costs.flops is None else costs.flops + flops,
+        wall_s=costs.wall_s + wall_s,
+    )
 
 
 @dataclass
@@ -231,16 +240,15 @@ def run_live(ctx: LiveContext, item: Item, method: str, config: dict[str, Any]) 
     from sgl_adaptive.programs import PROGRAMS
     from sgl_adaptive.runner import run, run_program
 
-    rm_tokens, rm_flops, rm_wall = 0, 0.0, 0.0
     if method in PLAIN_POOL:
         result = ctx.plain_pool(item, config)
+        costs = result.costs
         texts = [c.text for c in result.candidates]
         if method == "rm-best-of-n":
             assert ctx.reward is not None
             start = time.perf_counter()
             rewards = ctx.reward.score(item.prompt, texts)
-            rm_wall = time.perf_counter() - start
-            rm_tokens, rm_flops = sum(rewards.tokens), sum(rewards.flops)
+            costs = with_reward_reads(costs, rewards, time.perf_counter() - start)
             chosen, scores = argmax(range(len(texts)), rewards.scores), rewards.scores
         elif method == "majority":
             keys = [answer_key(item.task, t) for t in texts]
@@ -255,10 +263,8 @@ def run_live(ctx: LiveContext, item: Item, method: str, config: dict[str, Any]) 
             result = run_program(PROGRAMS["best-of-n"], item.prompt, ctx.backend, cfg, name=method)
         else:
             result = run(item.prompt, ctx.backend, base_method(method), method_config(config, ctx.seed))
-        chosen, scores = result.best, [c.score for c in result.candidates]
-    return outcome_fields(
-        ctx, item, result, chosen, scores, costs_dict(result.costs, rm_tokens, rm_flops, rm_wall)
-    )
+        chosen, scores, costs = result.best, [c.score for c in result.candidates], result.costs
+    return outcome_fields(ctx, item, result, chosen, scores, costs_dict(costs))
 
 
 def outcome_fields(

@@ -20,7 +20,7 @@ Every decision (batch schedule, stop rule, pruning rank, selection, vote) is the
 the library's ``Costs``, summed by the programs' ``CostMeter`` from modelled requests: samples, batches,
 generated tokens (a pruned sample costs only b), evaluations, critical-path tokens and FLOPs estimated
 with ``request_flops`` (prompt prefilled once, evaluations hitting the prefix cache); the reward
-model's reads are counted apart (``Outcome.rm_tokens``, ``rm_flops``). A configuration's ``scorer``
+model's reads are the meter's own (``Costs.rm_reads``, ``rm_tokens``, ``rm_flops``, in ``flops``). A configuration's ``scorer``
 (``scorers.py``; default self-eval) chooses the scores every rule reads (``Pool.scored_by``); a
 training-free scorer's scores come with the samples, so no evaluation is counted.
 """
@@ -124,24 +124,21 @@ class Outcome:
     quality: float
     score: float | None
     costs: Costs
-    """Estimated from token counts (``wall_s`` 0: not measured); FLOPs exclude the reward model's reads."""
+    """Estimated from token counts (``wall_s`` 0: not measured); the reward model's reads are in ``rm_reads``,
+    ``rm_tokens`` and ``rm_flops`` and, as the programs count them, in ``flops``."""
     candidates: list[int] = field(default_factory=list)
     """The samples the method drew, in draw order."""
-    rm_tokens: int = 0
-    rm_flops: float = 0.0
     matched_tokens: int | None = None
     """``budget_matched``: the generated tokens of the pruning it is matched to."""
 
 
 class Tally:
-    """Models the requests a method would send in a ``CostMeter``, the programs' own cost meter, plus the
-    reward model's reads."""
+    """Models the requests a method would send, and the reward model's reads, in a ``CostMeter``: the
+    programs' own cost meter."""
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.meter = CostMeter()
-        self.rm_tokens = 0
-        self.rm_flops = 0.0
         self._prompt_cached = False
 
     def batch(self, size: int, longest: int) -> None:
@@ -169,8 +166,8 @@ class Tally:
         self._record("eval", p + tokens - 1 + new, p + tokens - 1, 1)
 
     def reward(self, smp: PoolSample) -> None:
-        self.rm_tokens += smp.rm_tokens
-        self.rm_flops += smp.rm_flops
+        """The reward model reads the prompt and the sample in full."""
+        self.meter.record_rm(smp.rm_tokens, smp.rm_flops)
 
     def _record(self, kind: RequestKind, prompt: int, cached: int, completion: int) -> None:
         meta = {"prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion}
@@ -179,7 +176,7 @@ class Tally:
     def outcome(self, chosen: int, drawn: list[int], score: float | None = None) -> Outcome:
         costs = self.meter.totals(self.pool.shape)
         quality = self.pool.samples[chosen].quality
-        return Outcome(chosen, quality, score, costs, drawn, self.rm_tokens, self.rm_flops)
+        return Outcome(chosen, quality, score, costs, drawn)
 
 
 def _draw_all(pool: Pool, tally: Tally, indices: list[int]) -> None:

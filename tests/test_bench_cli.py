@@ -47,21 +47,6 @@ def questions(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def reward_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A tiny random sequence-classification reward model (one logit) with the tiny tokenizer."""
-    import torch
-    from transformers import AutoConfig, AutoTokenizer, Qwen2ForSequenceClassification
-
-    out = tmp_path_factory.mktemp("rm") / "reward"
-    config = AutoConfig.from_pretrained(tiny_model_dir)
-    config.num_labels = 1
-    torch.manual_seed(1)
-    Qwen2ForSequenceClassification(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
 def bench(*args: str):
     return runner.invoke(app, ["bench", *args])
 
@@ -98,6 +83,8 @@ def test_every_method_writes_well_formed_lines_and_a_rerun_generates_nothing(
     assert by[q, "judge-best-of-n"]["costs"]["self_evals"] == 2
     rm = by[q, "rm-best-of-n"]["costs"]
     assert rm["rm_tokens"] > 0 and rm["rm_flops"] > 0 and rm["self_evals"] == 0
+    assert rm["rm_reads"] == rm["samples"] == 2  # the reward model read every sample once
+    assert by[q, "majority"]["costs"]["rm_reads"] == 0  # the shared draw itself carries no reads
     # majority, oracle and rm-best-of-n share one draw of N samples per question
     assert by[q, "majority"]["costs"]["generated_tokens"] == by[q, "oracle"]["costs"]["generated_tokens"]
     assert rm["flops"] == pytest.approx(by[q, "majority"]["costs"]["flops"] + rm["rm_flops"])

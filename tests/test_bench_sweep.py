@@ -59,7 +59,7 @@ def test_best_of_k_by_self_evaluation(k, chosen):
 def test_best_of_by_reward_model_and_judge():
     rm = best_of(POOL, 4, "rm")
     assert rm.chosen == 3 and rm.quality == 0.0
-    assert rm.costs.self_evals == 0 and rm.rm_tokens == 146
+    assert rm.costs.self_evals == 0 and (rm.costs.rm_reads, rm.costs.rm_tokens) == (4, 146)
     judge = best_of(POOL, 4, "judge")
     assert judge.chosen == 1  # tie 0.6/0.6: the earliest drawn
     assert judge.costs.self_evals == 4
