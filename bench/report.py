@@ -365,7 +365,7 @@ def plot_section(section: Section, out_dir: Path, suffix: str = "") -> list[str]
         written.append(_save(fig, ax, section.title, out_dir / f"{name}{suffix}.png", legend_size=8))
     curves = pruning_series(section.rows)
     if curves:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9.5, 4.5))
         budgets = sorted({b for _, b in curves}, key=lambda b: b or 0)
         for (method, budget), pts in curves.items():
             marker, linestyle, legend = PRUNING_LINES[method]
@@ -395,7 +395,11 @@ def plot_section(section: Section, out_dir: Path, suffix: str = "") -> list[str]
                     label=f"{row.method} {row.label}".strip(),
                 )
         ax.set(xlabel="average generated tokens per question", ylabel=ylabel)
-        written.append(_save(fig, ax, section.title, out_dir / f"pruning{suffix}.png", legend_size=7))
+        written.append(
+            _save(
+                fig, ax, section.title, out_dir / f"pruning{suffix}.png", legend_size=7, legend_outside=True
+            )
+        )
     return written
 
 
@@ -418,13 +422,17 @@ def pruning_series(rows: list[Row]) -> dict[tuple[str, Any], list[tuple[float, f
     }
 
 
-def _save(fig: Any, ax: Any, title: str, path: Path, legend_size: int) -> str:
-    """Title, grid and legend in the house style; write the PNG, close the figure; return its file name."""
+def _save(fig: Any, ax: Any, title: str, path: Path, legend_size: int, legend_outside: bool = False) -> str:
+    """Title, grid and legend in the house style (the legend right of the axes when it would cover many
+    curves); write the PNG, close the figure; return its file name."""
     import matplotlib.pyplot as plt
 
     ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
+    if legend_outside:
+        ax.legend(fontsize=legend_size, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
