@@ -37,7 +37,7 @@
 #   SEED_SAMPLES (data/selfeval-gsm8k-h200/samples.jsonl.gz in the repo, else $DATA/seed-samples.jsonl.gz)
 #   PROMPTS ($DATA/gsm8k-train.jsonl)  K (8)  MAX_NEW (512)  REWARD (verifier)  WORKERS (96)
 #   DATA_ADD (4000 prompts at most; the clock decides)  DATA_S (480)  DATA_FLAGS  RELABEL_FLAGS
-#   BATCH (64)  TRAIN_S (330)  EVAL_S (200)  TRAIN_FLAGS  EVAL_FLAGS  ATTN_CHECK_S (120)
+#   BATCH (64)  TRAIN_S (330)  EVAL_S (200)  TRAIN_FLAGS (--hard-labels)  EVAL_FLAGS  ATTN_CHECK_S (120)
 #   ADAPTER (sgl_adaptive/adapters/qwen2.5-coder-0.5b-selfeval, or .carry/adapter/adapter.tgz when carried)
 #   BENCH_LIMIT (300)  LIVE_LIMIT (50)  BENCH_N (16)  PARALLEL (64)  LIVE_PARALLEL (32)  SWEEP_S (240)  LIVE_S (240)
 #   SWEEP_METHODS  LIVE_METHODS  THRESHOLDS (0.9,0.98)  PRUNE_AT (64,128)  KEEP (4)  DISTINCT_LIMIT (40)
@@ -360,7 +360,7 @@ step_train_fit() {
   log "finetune train (LoRA r 8, alpha 16, batch $BATCH, $DEVICE)"
   # shellcheck disable=SC2086
   timeout "$(cap "$TRAIN_S" 90)" "${SGLA[@]}" finetune train --model "$BASE" --data "$WORK/data" --out "$WORK/trained" \
-    --lora --lora-r 8 --lora-alpha 16 --batch-size "$BATCH" --device "$DEVICE" --json ${TRAIN_FLAGS:-} \
+    --lora --lora-r 8 --lora-alpha 16 --batch-size "$BATCH" --device "$DEVICE" --json ${TRAIN_FLAGS---hard-labels} \
     > "$OUT/train-report.json"
   rc=$?
   [ -d "$WORK/trained/adapter" ] && tar -C "$WORK/trained" -czf "$OUT/adapter.tgz" adapter \
