@@ -14,8 +14,9 @@ import typer
 from rich.console import Console
 
 from sgl_adaptive.cli_options import DeviceOption, DtypeOption
+from sgl_adaptive.devices import check_device
 from sgl_adaptive.errors import ProgramError, UserError
-from sgl_adaptive.runner import check_device, check_dtype
+from sgl_adaptive.runner import check_dtype
 
 app = typer.Typer(
     help=(

@@ -26,9 +26,10 @@ from sgl_adaptive.cli_options import (
     method_config,
 )
 from sgl_adaptive.config import KNOBS, METHODS, MethodConfig, check_options_used
+from sgl_adaptive.devices import check_device
 from sgl_adaptive.errors import ProgramError, UserError
 from sgl_adaptive.rules import STOP_RULES
-from sgl_adaptive.runner import check_device, check_dtype, load_backend, read_prompt, run
+from sgl_adaptive.runner import check_dtype, load_backend, read_prompt, run
 from sgl_adaptive.scorers import DEFAULT_JUDGE_PROMPT
 
 app = typer.Typer(

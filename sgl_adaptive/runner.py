@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sgl_adaptive.config import MethodConfig
+from sgl_adaptive.devices import check_device
 from sgl_adaptive.errors import ProgramError, UserError
 from sgl_adaptive.result import Result
 from sgl_adaptive.selfeval import score_from_meta_info
@@ -105,21 +106,6 @@ def check_dtype(dtype: str | None) -> None:
     """A ``--dtype`` name of ``DTYPES`` (``None`` is ``auto``); no torch import."""
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
-
-
-def check_device(device: str | None) -> None:
-    """``cpu``, ``cuda`` or ``cuda:N``, and CUDA must be present; torch is imported only for CUDA."""
-    if device is None or device == "cpu":
-        return
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or (index and not index.isdigit()):
-        raise UserError(f"unknown device {device!r} (choose cpu, cuda or cuda:N)")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA GPU is available on this machine (use --device cpu)")
-    if index and int(index) >= torch.cuda.device_count():
-        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def load_backend(

@@ -85,7 +85,7 @@ class LocalBackend(BaseBackend):
         bf16 on a GPU and on CPUs with native bf16, else fp32 (``precision.default_dtype``)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from sgl_adaptive.runner import check_device
+        from sgl_adaptive.devices import check_device
 
         device = str(device) if device is not None else default_device()
         if device.startswith("cuda"):

@@ -376,11 +376,11 @@ def _evaluate(
 ) -> dict[str, Any]:
     from sgl_adaptive.backends.precision import default_dtype, parse_dtype
     from sgl_adaptive.data import read_jsonl
+    from sgl_adaptive.devices import check_device
     from sgl_adaptive.finetune.evaluate import drift, drift_items, evaluate_scores
     from sgl_adaptive.finetune.scoring import SelfEvalEncoder, default_device, load_causal_lm, score_examples
     from sgl_adaptive.finetune.train import CHECKPOINT_INFO
     from sgl_adaptive.model_store import resolve_model
-    from sgl_adaptive.runner import check_device
 
     check_device(device)
     try:
