@@ -24,6 +24,7 @@ from pathlib import Path
 
 from sgl_adaptive.costs import ModelShape, request_flops
 from sgl_adaptive.errors import UserError
+from sgl_adaptive.weights import check_finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,7 @@ class RewardModel:
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"cannot load the reward model {path!r}: {first}") from None
+        check_finite(self.model, f"reward model {path!r}")  # NaN rewards would pick at random
         self.model.to(self.device).eval()
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
