@@ -147,10 +147,6 @@ def score_examples(
     order = sorted(range(len(encoded)), key=lambda i: lengths[i])
     pad = encoder.tokenizer.pad_token_id if encoder.tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    answers = [*encoder.keep_ids, *encoder.retry_ids]
-    answers += [t for t in encoder.targets.values() if t not in answers]  # the trained tokens' losses
-    column = {token: j for j, token in enumerate(answers)}
-    n_keep = len(encoder.keep_ids)
     out: list[ExampleScore | None] = [None] * len(encoded)
     with HeadGather(model) as gather, ExactHead(model) as exact:
         for batch in _batches(order, lengths, batch_tokens, max_rows):
@@ -158,25 +154,50 @@ def score_examples(
             with torch.no_grad(), gather.at((row_lengths - 1)[:, None]):
                 logits = model(input_ids=ids.to(device), logits_to_keep=0).logits  # each row's last token
                 logits = logits[:, -1].float()
-                hidden = exact.last_hidden()
-                answer_logits = logits[:, answers] if hidden is None else exact.logits(hidden, answers)
-            logp = (answer_logits - torch.logsumexp(logits, dim=-1, keepdim=True)).cpu()
-            for row, i in enumerate(batch):
-                p_no = float(logp[row, :n_keep].exp().sum())
-                p_yes = float(logp[row, n_keep:].exp().sum())
-                label = examples[i].get("label")
-                loss = (
-                    -float(logp[row, column[encoder.target_id(label)]])
-                    if label in (KEEP_LABEL, RETRY_LABEL)
-                    else math.nan
-                )
-                total = p_no + p_yes
-                if not (math.isfinite(total) and total > 0):
-                    raise ProgramError(
-                        f"non-finite or zero answer probabilities (P(No) {p_no}, P(Yes) {p_yes}) "
-                        f"for example {i} of prompt {examples[i].get('prompt_id')!r}: the model is broken"
-                    )
-                out[i] = ExampleScore(p_no / total, p_no, p_yes, loss)
+            rows = [examples[i] for i in batch]
+            scores = answer_scores(encoder, logits, rows, exact, exact.last_hidden())
+            for i, score in zip(batch, scores, strict=True):
+                out[i] = score
             if on_batch:
                 on_batch(len(batch))
     return [s for s in out if s is not None]
+
+
+def answer_scores(
+    encoder: SelfEvalEncoder,
+    logits: Any,
+    examples: Sequence[dict[str, Any]],
+    exact: ExactHead | None = None,
+    hidden: Any | None = None,
+) -> list[ExampleScore]:
+    """``ExampleScore`` of each row of ``logits`` ``[rows, vocab]`` (the position that predicts the answer
+    token of ``examples[row]``). ``hidden``: the head's input at those rows, whose answer logits ``exact``
+    recomputes in fp32 for a half-precision model (None: read ``logits``). A non-finite score is an
+    error, never a silent 0.5."""
+    import torch
+
+    answers = [*encoder.keep_ids, *encoder.retry_ids]
+    answers += [t for t in encoder.targets.values() if t not in answers]  # the trained tokens' losses
+    column = {token: j for j, token in enumerate(answers)}
+    n_keep = len(encoder.keep_ids)
+    with torch.no_grad():
+        answer_logits = logits[:, answers] if hidden is None else exact.logits(hidden, answers)
+        logp = (answer_logits - torch.logsumexp(logits, dim=-1, keepdim=True)).cpu()
+    out = []
+    for row, ex in enumerate(examples):
+        p_no = float(logp[row, :n_keep].exp().sum())
+        p_yes = float(logp[row, n_keep:].exp().sum())
+        label = ex.get("label")
+        loss = (
+            -float(logp[row, column[encoder.target_id(label)]])
+            if label in (KEEP_LABEL, RETRY_LABEL)
+            else math.nan
+        )
+        total = p_no + p_yes
+        if not (math.isfinite(total) and total > 0):
+            raise ProgramError(
+                f"non-finite or zero answer probabilities (P(No) {p_no}, P(Yes) {p_yes}) "
+                f"for an example of prompt {ex.get('prompt_id')!r}: the model is broken"
+            )
+        out.append(ExampleScore(p_no / total, p_no, p_yes, loss))
+    return out
