@@ -95,3 +95,30 @@ def test_packed_scores_of_a_bf16_model_use_the_exact_head(tiny_model_dir):
     # bf16 bodies round differently in a packed row, but the fp32 head keeps the scores close and distinct
     assert max(abs(p.score - a.score) for p, a in zip(packed, alone, strict=True)) < 2e-2
     assert len({s.score for s in packed}) > 6
+
+
+def test_block_attention_runs_and_keeps_each_block_to_its_ancestors(tiny_model_dir, monkeypatch):
+    import torch
+
+    from sgl_adaptive.finetune import packing
+    from sgl_adaptive.finetune.scoring import SelfEvalEncoder, load_causal_lm
+
+    model, tokenizer = load_causal_lm(str(tiny_model_dir), device="cpu", dtype=torch.float32)
+    encoder = SelfEvalEncoder(tokenizer)
+    examples = _examples(tokenizer)
+    group = group_by_prompt(examples)[0]
+    tree = build_tree([encoder.prompt_ids(examples[i]["prompt"], examples[i]["text"]) for i in group])
+    blocks = packing.attention_blocks(tree, rows=64)
+    mask = tree.ancestor_mask()
+    assert [b.start for b in blocks] == list(range(0, tree.size, 64))
+    assert sum(len(b.keys) * (b.stop - b.start) for b in blocks) < mask.size / 2  # fewer scores than dense
+    for b in blocks:  # no key an ancestor needs is missing, none of the others is there
+        assert set(b.keys.tolist()) == set(np.flatnonzero(mask[b.start : b.stop].any(0)).tolist())
+    calls = []
+    real = packing._tree_attention_forward
+    monkeypatch.setattr(
+        packing, "_tree_attention_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    score_packed(model, encoder, [examples[i] for i in group])
+    assert len(calls) == model.config.num_hidden_layers
+    assert model.config._attn_implementation != packing.ATTENTION  # restored after the forward

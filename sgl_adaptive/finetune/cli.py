@@ -316,6 +316,54 @@ def train_command(
         err.print(f"{report['steps']} steps, train loss {report['train_loss']:.4f} -> {out}", highlight=False)
 
 
+@app.command("cache")
+def cache_command(
+    data: Annotated[Path, typer.Option(help="Directory written by `finetune data` (train and held-out).")],
+    out: Annotated[Path, typer.Option(help="Cache directory (resumed if it exists).")],
+    k: Annotated[
+        int, typer.Option(help="Top blocks to train later: the state entering block L-k is cached.")
+    ] = 4,
+    model: Annotated[str | None, typer.Option(help="Base model (default: embedded 0.5B).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Cache the first N prompts only.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Run the frozen lower layers once over each prompt's packed tree and store their output (resumable)."""
+    from sgl_adaptive.backends.precision import default_dtype, parse_dtype
+    from sgl_adaptive.devices import check_device
+    from sgl_adaptive.finetune.activation_cache import build_cache
+    from sgl_adaptive.finetune.scoring import default_device
+    from sgl_adaptive.model_store import resolve_model
+
+    with _errors():
+        if limit is not None and limit < 1:
+            raise UserError(f"--limit must be at least 1 (got {limit})")
+        check_device(device)
+        try:
+            torch_dtype = parse_dtype(dtype) or default_dtype(device or default_device())
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        model_path = resolve_model(model, console=err, base=True)
+        progress, factory = _progress("caching prompts", "prompts")
+        with progress:
+            manifest = build_cache(
+                model_path,
+                data,
+                out,
+                k=k,
+                dtype=torch_dtype,
+                device=device,
+                limit=limit,
+                progress=factory,
+                log=progress.print,
+            )
+    err.print(
+        f"{manifest['prompts']} prompts, {manifest['examples']} examples, state entering block "
+        f"{manifest['layers'] - manifest['k']} of {manifest['layers']} -> {out}",
+        highlight=False,
+    )
+
+
 @app.command("eval")
 def eval_command(
     data: Annotated[Path, typer.Option(help="Directory written by `finetune data`.")],

@@ -12,11 +12,18 @@ matters for the GPU attention kernels (``batching.py``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+ATTENTION = "sgl_adaptive_tree"
+"""The attention implementation ``tree_attention`` registers with transformers."""
+BLOCK_ROWS = 256
+"""Query rows per attention block: each block attends only to the union of its rows' ancestors."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,98 @@ class PackedTree:
             out.append(node)
             node = self.parents[node]
         return out[::-1]
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """Query rows ``start:stop`` of a tree and the only keys any of them sees."""
+
+    start: int
+    stop: int
+    keys: Any
+    """Long tensor of key nodes: the union of the rows' ancestors."""
+    mask: Any
+    """Bool tensor ``[stop - start, len(keys)]`` (True: attend)."""
+
+
+def attention_blocks(tree: PackedTree, rows: int = BLOCK_ROWS) -> list[AttentionBlock]:
+    """The tree's attention cut into blocks of ``rows`` consecutive queries, each with its own keys.
+
+    A response's nodes are consecutive and see only the prompt and their own branch, so a block's keys
+    are about prompt + response rather than the whole tree: attention costs ~K times less for K
+    responses than the dense ``[N, N]`` mask, and the result is the same (a key outside the union gets
+    zero weight either way)."""
+    import torch
+
+    mask = tree.ancestor_mask()
+    blocks = []
+    for start in range(0, tree.size, rows):
+        stop = min(start + rows, tree.size)
+        keys = np.flatnonzero(mask[start:stop].any(0))
+        blocks.append(
+            AttentionBlock(start, stop, torch.from_numpy(keys), torch.from_numpy(mask[start:stop][:, keys]))
+        )
+    return blocks
+
+
+_BLOCKS: ContextVar[list[AttentionBlock] | None] = ContextVar("sgl_adaptive_tree_blocks", default=None)
+
+
+def _tree_attention_forward(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
+    """transformers' attention-function signature: blockwise attention over the active tree (plain SDPA
+    when none is active). query ``[1, heads, N, d]``, key/value ``[1, kv_heads, N, d]``."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    blocks = _BLOCKS.get()
+    if blocks is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    outputs = []
+    for b in blocks:
+        keys = b.keys.to(query.device)
+        outputs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, b.start : b.stop],
+                key[:, :, keys],
+                value[:, :, keys],
+                attn_mask=b.mask.to(query.device),
+                scale=scaling,
+            )
+        )
+    return torch.cat(outputs, 2).transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def tree_attention(model: Any, tree: PackedTree) -> Iterator[None]:
+    """Within the block, ``model``'s attention runs blockwise over ``tree`` (``attention_blocks``)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, _tree_attention_forward)
+    configs = {id(c): c for c in (model.config, getattr(model.config, "text_config", None)) if c is not None}
+    before = {i: c._attn_implementation for i, c in configs.items()}
+    token = _BLOCKS.set(attention_blocks(tree))
+    for c in configs.values():
+        c._attn_implementation = ATTENTION
+    try:
+        yield
+    finally:
+        _BLOCKS.reset(token)
+        for i, c in configs.items():
+            c._attn_implementation = before[i]
 
 
 def build_tree(sequences: Sequence[Sequence[int]]) -> PackedTree:
@@ -122,7 +221,7 @@ def score_packed(
         for group in group_by_prompt(examples):
             tree = build_tree([encoder.prompt_ids(examples[i]["prompt"], examples[i]["text"]) for i in group])
             ends = torch.tensor([tree.ends], dtype=torch.long)
-            with torch.no_grad(), gather.at(ends):
+            with torch.no_grad(), gather.at(ends), tree_attention(model, tree):
                 logits = model(**tree_inputs(tree, device), logits_to_keep=0).logits[0].float()
             hidden = exact.hidden[0] if exact.enabled and exact.hidden is not None else None
             rows = [examples[i] for i in group]
