@@ -218,7 +218,9 @@ def test_table_prints_intervals_within_prompt_and_majority():
 
 
 def test_eval_json_carries_the_new_figures(tmp_path, monkeypatch):
+    import sgl_adaptive.finetune.packing as packing
     import sgl_adaptive.finetune.scoring as scoring
+    import sgl_adaptive.finetune.train  # noqa: F401  (imported now: it must not bind the patched encoder)
     import sgl_adaptive.model_store as model_store
     from sgl_adaptive.cli import app
 
@@ -228,7 +230,7 @@ def test_eval_json_carries_the_new_figures(tmp_path, monkeypatch):
     monkeypatch.setattr(model_store, "resolve_model", lambda name, **_: name)
     monkeypatch.setattr(scoring, "load_causal_lm", lambda path, **_: (path, None))
     monkeypatch.setattr(scoring, "SelfEvalEncoder", lambda tokenizer: None)
-    monkeypatch.setattr(scoring, "score_examples", lambda model, encoder, exs, **_: fake_scores[: len(exs)])
+    monkeypatch.setattr(packing, "score_packed", lambda model, encoder, exs, **_: fake_scores[: len(exs)])
 
     args = [
         "finetune",

@@ -72,14 +72,17 @@ def test_answer_logprobs_are_fp32_exact_in_a_bf16_model(bf16_backend):
     assert (rounded - exact).abs().max() > 1e-3  # the bf16 logits alone would be off
 
 
-def test_finetune_scores_use_the_exact_head(bf16_backend):
-    from sgl_adaptive.finetune.scoring import SelfEvalEncoder, score_examples
+@pytest.mark.parametrize("scorer", ["score_examples", "score_packed"])
+def test_finetune_scores_use_the_exact_head(bf16_backend, scorer):
+    from sgl_adaptive.finetune import packing, scoring
+    from sgl_adaptive.finetune.scoring import SelfEvalEncoder
 
+    score_fn = getattr(packing if scorer == "score_packed" else scoring, scorer)
     model, tokenizer = bf16_backend.model, bf16_backend.tokenizer
     encoder = SelfEvalEncoder(tokenizer)
     example = {"prompt": "What is 2 + 3?", "text": "4"}
     hooks = dict(model.get_output_embeddings()._forward_hooks)  # the engine's own
-    (score,) = score_examples(model, encoder, [example])
+    (score,) = score_fn(model, encoder, [example])
     exact, _ = reference(model, encoder.prompt_ids(example["prompt"], example["text"]), encoder.keep_ids)
     assert score.p_no == pytest.approx(float(exact.exp().sum()), rel=1e-4)
     assert dict(model.get_output_embeddings()._forward_hooks) == hooks  # the scorer removed its hook

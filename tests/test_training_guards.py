@@ -308,20 +308,24 @@ def test_merging_a_non_finite_adapter_is_refused(tiny_model_dir, broken_adapter,
     assert not list(tmp_path.rglob("*.safetensors"))
 
 
-def test_scores_of_a_broken_model_are_an_error_not_one_half(tiny_model_dir):
-    """A model whose forward gives NaN (weights checked elsewhere) must not score 0.5 silently."""
+@pytest.mark.parametrize("scorer", ["score_examples", "score_packed"])
+def test_scores_of_a_broken_model_are_an_error_not_one_half(tiny_model_dir, scorer):
+    """A model whose forward gives NaN (weights checked elsewhere) must not score 0.5 silently, with
+    either scorer (``eval`` and ``train`` use the packed one)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sgl_adaptive.errors import ProgramError
-    from sgl_adaptive.finetune.scoring import SelfEvalEncoder, score_examples
+    from sgl_adaptive.finetune import packing, scoring
+    from sgl_adaptive.finetune.scoring import SelfEvalEncoder
 
+    score = getattr(packing if scorer == "score_packed" else scoring, scorer)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
         model.get_output_embeddings().weight.fill_(math.nan)
     enc = SelfEvalEncoder(AutoTokenizer.from_pretrained(tiny_model_dir))
     with pytest.raises(ProgramError, match="non-finite"):
-        score_examples(model, enc, [{"prompt": "Hi", "text": "one two"}])
+        score(model, enc, [{"prompt": "Hi", "text": "one two"}])
 
 
 # ---- CPU-run options ----------------------------------------------------------------------------------

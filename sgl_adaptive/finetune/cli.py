@@ -379,7 +379,13 @@ def eval_command(
     drift_samples: Annotated[
         int, typer.Option(help="Held-out responses for the drift measure (0: skip).")
     ] = 64,
-    batch_tokens: Annotated[int, typer.Option(help="Tokens per scoring batch.")] = 8192,
+    batch_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Ignored (kept for old scripts): scoring now runs one packed forward per prompt, "
+            "whatever its size."
+        ),
+    ] = 8192,
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
     dtype: DtypeOption = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object.")] = False,
@@ -388,7 +394,7 @@ def eval_command(
     """AUROC (95% bootstrap interval over prompts, and within prompts), Brier (per budget), Best-of-K
     selection against first sample, majority vote and oracle, and drift, before vs after training."""
     with _errors():
-        report = _evaluate(data, model, base, split, limit, drift_samples, batch_tokens, device, dtype)
+        report = _evaluate(data, model, base, split, limit, drift_samples, device, dtype)
     payload = json.dumps(_json_safe(report), ensure_ascii=False)
     if out_file:
         out_file.write_text(payload + "\n")
@@ -418,15 +424,16 @@ def _evaluate(
     split: str,
     limit: int | None,
     drift_samples: int,
-    batch_tokens: int,
     device: str | None,
     dtype_name: str,
 ) -> dict[str, Any]:
+    """The ``eval`` report; each model scores every prompt's examples in one packed forward."""
     from sgl_adaptive.backends.precision import default_dtype, parse_dtype
     from sgl_adaptive.data import read_jsonl
     from sgl_adaptive.devices import check_device
     from sgl_adaptive.finetune.evaluate import drift, drift_items, evaluate_scores
-    from sgl_adaptive.finetune.scoring import SelfEvalEncoder, default_device, load_causal_lm, score_examples
+    from sgl_adaptive.finetune.packing import score_packed
+    from sgl_adaptive.finetune.scoring import SelfEvalEncoder, default_device, load_causal_lm
     from sgl_adaptive.finetune.train import CHECKPOINT_INFO
     from sgl_adaptive.model_store import resolve_model
 
@@ -465,20 +472,14 @@ def _evaluate(
         with status(err, "loading the model …"):
             tuned, tokenizer = load_causal_lm(model_path, device=device, dtype=dtype)
         encoder = SelfEvalEncoder(tokenizer)
-        scores = score_examples(
-            tuned, encoder, examples, batch_tokens=batch_tokens, on_batch=factory(len(examples))
-        )
+        scores = score_packed(tuned, encoder, examples, on_prompt=factory(len(examples)))
         report["model"] = evaluate_scores(examples, scores)
         if base:
             with status(err, "loading the base model …"):
                 base_model, base_tok = load_causal_lm(base, device=device, dtype=dtype)
             base_encoder = SelfEvalEncoder(base_tok)
-            base_scores = score_examples(
-                base_model,
-                base_encoder,
-                examples,
-                batch_tokens=batch_tokens,
-                on_batch=factory(len(examples), "scoring the base"),
+            base_scores = score_packed(
+                base_model, base_encoder, examples, on_prompt=factory(len(examples), "scoring the base")
             )
             report["base"] = evaluate_scores(examples, base_scores)
             if drift_samples > 0:

@@ -411,7 +411,8 @@ def train(
     heldout_limit: int | None = None,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Train on ``DATA/train.jsonl``, report the held-out loss/mass/AUROC before and after, export.
+    """Train on ``DATA/train.jsonl``, report the held-out loss/mass/AUROC before and after (one packed
+    forward per held-out prompt), export.
 
     Under ``accelerate launch`` every process trains; only the main one scores the held-out set,
     exports, and gets ``report["exported"]``. On any failure an ``out`` this call created is removed:
@@ -438,7 +439,8 @@ def _train_and_export(
 
     from sgl_adaptive.data import read_jsonl
     from sgl_adaptive.finetune.evaluate import summarize
-    from sgl_adaptive.finetune.scoring import load_causal_lm, score_examples
+    from sgl_adaptive.finetune.packing import score_packed
+    from sgl_adaptive.finetune.scoring import load_causal_lm
 
     if not (data_dir / "train.jsonl").is_file():
         raise UserError(f"{data_dir} has no train.jsonl (run `sgl-adaptive finetune data` first)")
@@ -468,7 +470,7 @@ def _train_and_export(
     }
     if main and heldout:
         report["before"] = _heldout_line(
-            summarize(heldout, score_examples(model, encoder, heldout)), "untrained", log
+            summarize(heldout, score_packed(model, encoder, heldout)), "untrained", log
         )
     ref_model = None
     if settings.kl_weight > 0 and not settings.lora:
@@ -506,7 +508,7 @@ def _train_and_export(
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
     if heldout:
         report["after"] = _heldout_line(
-            summarize(heldout, score_examples(model, encoder, heldout)), "trained", log
+            summarize(heldout, score_packed(model, encoder, heldout)), "trained", log
         )
     info = {
         "base_model": model_path,
