@@ -130,13 +130,18 @@ def ensure_selfeval_model(
 
 
 def merge_adapter(base: Path, adapter: Path, out: Path) -> Path:
-    """Write ``base`` + LoRA ``adapter`` merged into a plain Hugging Face folder (loads in SGLang too)."""
+    """Write ``base`` + LoRA ``adapter`` merged into a plain Hugging Face folder (loads in SGLang too).
+
+    The merge runs in fp32 and the result is saved in the base checkpoint's dtype: one rounding of
+    W + ΔW, where a merge in bf16 would round the small LoRA delta before adding it."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    dtype = getattr(AutoConfig.from_pretrained(base), "dtype", None) or torch.bfloat16
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload().to(dtype)
     check_finite(merged, f"the base merged with the adapter {str(adapter)!r}")
     merged.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)

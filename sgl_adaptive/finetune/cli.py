@@ -364,6 +364,158 @@ def cache_command(
     )
 
 
+@app.command("probe")
+def probe_command(
+    cache: Annotated[Path, typer.Option(help="Activation cache (`finetune cache`).")],
+    out: Annotated[Path, typer.Option(help="Folder for the curve and each layer's out-of-fold scores.")],
+    layers: Annotated[
+        str | None, typer.Option(help="Layers to probe, e.g. 8,12,16,20 (default: all cached).")
+    ] = None,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds, grouped by prompt.")] = 5,
+    soft_labels: Annotated[
+        bool,
+        typer.Option("--soft-labels/--hard-labels", help="Probe target: P(win or tie) or the hard label."),
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Fold seed.")] = 0,
+) -> None:
+    """Out-of-fold linear probes on each cached layer's state at the answer positions (the probe curve)."""
+    from sgl_adaptive.finetune.activation_cache import ActivationCache
+    from sgl_adaptive.finetune.experiments import probe_curve
+
+    with _errors():
+        if folds < 2:
+            raise UserError(f"--folds must be at least 2 (got {folds})")
+        try:
+            wanted = [int(x) for x in layers.split(",")] if layers else None
+        except ValueError:
+            raise UserError(f"--layers takes layer numbers, e.g. 8,12,16 (got {layers!r})") from None
+        probe_curve(
+            ActivationCache(cache),
+            out,
+            layers=wanted,
+            folds=folds,
+            seed=seed,
+            soft=soft_labels,
+            log=lambda m: err.print(m, highlight=False, soft_wrap=True),
+        )
+
+
+@app.command("top")
+def top_command(
+    cache: Annotated[Path, typer.Option(help="Activation cache (`finetune cache`).")],
+    out: Annotated[Path, typer.Option(help="Folder for the reports (--cv) or the adapter (--export).")],
+    name: Annotated[str, typer.Option(help="Name of this run's report files.")] = "top",
+    model: Annotated[
+        str | None, typer.Option(help="The cache's base model (default: embedded 0.5B).")
+    ] = None,
+    k: Annotated[int, typer.Option(help="Top blocks to train (at most the cache's k).")] = 1,
+    cv: Annotated[
+        int, typer.Option(help="Cross-validate with N folds grouped by prompt (0: train on all and export).")
+    ] = 5,
+    train_prompts: Annotated[
+        int | None,
+        typer.Option(help="With --cv: train each fold on N of its training prompts (learning curve)."),
+    ] = None,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
+    head_rows: Annotated[bool, typer.Option(help="Also train the head's Yes/No rows.")] = True,
+    lr: Annotated[float, typer.Option(help="Learning rate (AdamW, cosine schedule).")] = 5e-4,
+    epochs: Annotated[float, typer.Option(help="Epochs over the training prompts.")] = 2.0,
+    prompts_per_step: Annotated[int, typer.Option(help="Prompts (packed trees) per optimizer step.")] = 4,
+    soft_labels: Annotated[
+        bool,
+        typer.Option(
+            "--soft-labels/--hard-labels", help="Target: P(win or tie) (the paper's) or the hard label."
+        ),
+    ] = True,
+    kl_weight: Annotated[
+        float, typer.Option(help="Weight of KL(base || model) on response positions.")
+    ] = 0.1,
+    drift_positions: Annotated[
+        int, typer.Option(help="Response positions per full response for the KL term.")
+    ] = 4,
+    budgets: Annotated[
+        str | None, typer.Option(help="Train on these budgets only, e.g. full,64,128.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Training and fold seed.")] = 0,
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Train the top k blocks (LoRA) and the head's Yes/No rows from the cache: out of fold (--cv N), or on
+    every cached prompt with the adapter exported (--cv 0)."""
+    from sgl_adaptive.backends.precision import default_dtype, parse_dtype
+    from sgl_adaptive.finetune.activation_cache import ActivationCache
+    from sgl_adaptive.finetune.top_train import TopSettings
+    from sgl_adaptive.finetune.train import parse_train_budgets
+    from sgl_adaptive.model_store import resolve_model
+
+    log = lambda m: err.print(m, highlight=False, soft_wrap=True)  # noqa: E731
+    with _errors():
+        if cv == 1 or cv < 0:
+            raise UserError(f"--cv must be 0 (no cross-validation) or at least 2 (got {cv})")
+        if not (math.isfinite(lr) and lr > 0):
+            raise UserError(f"--lr must be a positive number (got {lr})")
+        if epochs <= 0 or prompts_per_step < 1:
+            raise UserError("--epochs must be positive and --prompts-per-step at least 1")
+        try:
+            torch_dtype = parse_dtype(dtype) or default_dtype("cpu")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        settings = TopSettings(
+            k=k,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            head_rows=head_rows,
+            lr=lr,
+            epochs=epochs,
+            prompts_per_step=prompts_per_step,
+            soft_labels=soft_labels,
+            kl_weight=kl_weight,
+            drift_positions=drift_positions,
+            budgets=parse_train_budgets(budgets),
+            seed=seed,
+        )
+        activations = ActivationCache(cache)
+        model_path = resolve_model(model, console=err, base=True)
+        if cv:
+            from sgl_adaptive.finetune.experiments import top_cv
+
+            top_cv(
+                model_path,
+                activations,
+                settings,
+                out,
+                name,
+                folds=cv,
+                seed=seed,
+                train_prompts=train_prompts,
+                dtype=torch_dtype,
+                log=log,
+            )
+            return
+        from sgl_adaptive.finetune.top_train import (
+            TopStack,
+            check_cache_model,
+            export_adapter,
+            load_base,
+            train_stack,
+        )
+
+        check_cache_model(activations, model_path)
+        base, encoder = load_base(model_path, dtype=torch_dtype)
+        stack = TopStack(base, activations, settings, encoder)
+        prompts = activations.complete()
+        run = train_stack(stack, prompts, log=log)
+        card = {
+            "base_model": model_path,
+            "base_sha256": activations.manifest["model_sha256"],
+            "data_sha256": activations.manifest["data_sha256"],
+            "prompts": len(prompts),
+            "run": run,
+        }
+        export_adapter(stack, out, card)
+        log(f"{run['steps']} steps on {len(prompts)} prompts in {run['train_s']:.0f} s -> {out}")
+
+
 @app.command("eval")
 def eval_command(
     data: Annotated[Path, typer.Option(help="Directory written by `finetune data`.")],

@@ -224,12 +224,16 @@ def choose_l2(
 ) -> tuple[float, dict[float, float]]:
     """The penalty of ``l2_grid`` whose grouped out-of-fold scores on these rows rank best
     (``selection_auroc`` against ``labels``, default ``y >= 0.5``; ties to the larger penalty), and
-    every penalty's figure. Only the rows given are read: pass a training part only."""
+    every penalty's figure. Only the rows given are read: pass a training part only. With a single
+    prompt there is nothing to cross-validate: the middle of the grid, and nan figures."""
     x = _as_tensor(X)
     y = _targets(y, x.shape[0])
     kept = _labels(y, labels)
     ids = list(prompt_ids)
     folds = min(folds, len(set(ids)))
+    if folds < 2:  # one training prompt: nothing to choose on, the middle of the grid
+        middle = sorted(l2_grid)[len(l2_grid) // 2]
+        return middle, dict.fromkeys(l2_grid, math.nan)
     inner = {l2: np.full(len(ids), np.nan) for l2 in l2_grid}
     for train, test in fold_indices(ids, folds, seed):
         for l2, probe in _fit_path(x[train], y[train], l2_grid).items():

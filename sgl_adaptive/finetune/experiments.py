@@ -1,0 +1,217 @@
+"""The measurements that choose the training setting, all out of fold, from one activation cache:
+the probe curve over layers (``probe_curve``) and top-k training cross-validated (``top_cv``). Each writes
+its out-of-fold scores (JSONL, small enough to commit) and the selection report (``oof.oof_report``) as
+JSON and markdown."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sgl_adaptive.errors import UserError
+from sgl_adaptive.finetune.activation_cache import ActivationCache
+from sgl_adaptive.finetune.labels import KEEP_LABEL
+
+
+def response_tokens(cache: ActivationCache) -> dict[tuple[str, int], int]:
+    """(prompt id, sample) -> generated tokens, from the data folder the cache was built from (for the
+    adaptive replay's token counts; empty when that folder is gone)."""
+    from sgl_adaptive.data import read_jsonl
+
+    data = Path(cache.manifest.get("data", ""))
+    out: dict[tuple[str, int], int] = {}
+    if (data / "samples.jsonl").is_file():
+        for record in read_jsonl(data / "samples.jsonl"):
+            for s in record["samples"]:
+                out[(record["id"], int(s["index"]))] = int(s["tokens"])
+    return out
+
+
+def cached_examples(cache: ActivationCache) -> tuple[list[int], list[dict[str, Any]]]:
+    """(example indices of the cached prompts, those examples with ``response_tokens``)."""
+    tokens = response_tokens(cache)
+    index = [i for n in cache.complete() for i in cache.groups[n]]
+    examples = []
+    for i in index:
+        ex = dict(cache.examples[i])
+        ex["response_tokens"] = tokens.get((ex["prompt_id"], int(ex["sample"])), 1)
+        examples.append(ex)
+    return index, examples
+
+
+def write_report(
+    out: Path, name: str, examples: Sequence[dict[str, Any]], scores: Sequence[float], extra: dict
+):
+    """``out/<name>.scores.jsonl``, ``.json`` (the report) and ``.md``; returns the report."""
+    from sgl_adaptive.finetune.oof import format_oof_table, oof_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [
+        json.dumps(
+            {
+                "prompt_id": ex["prompt_id"],
+                "sample": ex["sample"],
+                "truncated_tokens": ex["truncated_tokens"],
+                "score": round(float(s), 6),
+            }
+        )
+        for ex, s in zip(examples, scores, strict=True)
+    ]
+    (out / f"{name}.scores.jsonl").write_text("\n".join(lines) + "\n")
+    report = {**extra, "report": oof_report(examples, scores)}
+    (out / f"{name}.json").write_text(json.dumps(_json_safe(report), indent=1) + "\n")
+    (out / f"{name}.md").write_text(f"# {name}\n\n" + format_oof_table(report["report"]) + "\n")
+    return report
+
+
+def _json_safe(obj: Any) -> Any:
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _json_safe(obj.item())
+    return obj
+
+
+def probe_curve(
+    cache: ActivationCache,
+    out: Path,
+    *,
+    layers: Sequence[int] | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    soft: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Out-of-fold logistic probes on the state entering each cached layer at the answer positions
+    (``answer_states``; layer j is transformers' ``hidden_states[j]``): one line per layer with pooled
+    and within-prompt AUROC, Best-of-K and the weighted vote; the scores of each layer in ``out``."""
+    from sgl_adaptive.finetune.oof import oof_report
+    from sgl_adaptive.finetune.probe import oof_probe_scores
+
+    index, examples = cached_examples(cache)
+    if not examples:
+        raise UserError(f"{cache.root} has no cached prompt yet")
+    states = [cache.load(n)["answer_states"] for n in cache.complete()]
+    available = states[0].shape[1]
+    layers = list(range(available)) if layers is None else list(layers)
+    if any(not 0 <= j < available for j in layers):
+        raise UserError(f"--layers must be within [0, {available - 1}] for this cache")
+    labels = np.array([ex["label"] == KEEP_LABEL for ex in examples])
+    targets = np.array([float(ex["soft_no"]) for ex in examples]) if soft else labels.astype(float)
+    prompt_ids = [ex["prompt_id"] for ex in examples]
+    rows = []
+    for j in layers:
+        start = time.monotonic()
+        X = np.concatenate([s[:, j].float().numpy() for s in states])
+        scores, l2s = oof_probe_scores(X, targets, prompt_ids, folds=folds, seed=seed, labels=labels)
+        report = oof_report(examples, scores, folds=folds, seed=seed)
+        s, b = report["summary"], report["best_of_n"]
+        row = {
+            "layer": j,
+            "auroc": s["auroc"],
+            "auroc_ci": s["auroc_ci"],
+            "within_prompt_auroc": s["within_prompt_auroc"],
+            "within_prompt_auroc_ci": s["within_prompt_auroc_ci"],
+            "best_of_n": b["selected"],
+            "selected_minus_first_ci": b["selected_minus_first_ci"],
+            "weighted_vote": report["weighted_vote"]["reward"],
+            "first_sample": b["first_sample"],
+            "majority": b["majority"],
+            "oracle": b["oracle"],
+            "l2": l2s,
+            "seconds": time.monotonic() - start,
+        }
+        rows.append(row)
+        log(
+            f"layer {j}: AUROC {row['auroc']:.3f}, within-prompt {row['within_prompt_auroc']:.3f}, "
+            f"best-of-K {row['best_of_n']:.3f}, weighted vote {row['weighted_vote']:.3f} "
+            f"(first {row['first_sample']:.3f}, majority {row['majority']:.3f}) [{row['seconds']:.0f} s]"
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"probe-layer{j}.scores.jsonl").write_text(
+            "".join(
+                json.dumps({"i": i, "score": round(float(v), 6)}) + "\n"
+                for i, v in zip(index, scores, strict=True)
+            )
+        )
+    result = {
+        "prompts": len(cache.complete()),
+        "examples": len(examples),
+        "target": "soft" if soft else "hard",
+        "folds": folds,
+        "layers": rows,
+    }
+    (out / "probe-curve.json").write_text(json.dumps(_json_safe(result), indent=1) + "\n")
+    return result
+
+
+def top_cv(
+    model_path: str,
+    cache: ActivationCache,
+    settings: Any,
+    out: Path,
+    name: str,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    train_prompts: int | None = None,
+    dtype: Any = None,
+    with_base: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Cross-validated top-k training (``top_train.cross_validate``) and its report, with the untrained
+    model's scores on the same examples as the baseline (paired AUROC difference)."""
+    from sgl_adaptive.finetune.oof import paired_auroc_ci
+    from sgl_adaptive.finetune.top_train import (
+        TopStack,
+        check_cache_model,
+        cross_validate,
+        load_base,
+        score_prompts,
+    )
+
+    check_cache_model(cache, model_path)
+    base, encoder = load_base(model_path, dtype=dtype)
+    index, examples = cached_examples(cache)
+    memo: dict[int, Any] = {}
+    start = time.monotonic()
+    result = cross_validate(
+        base,
+        encoder,
+        cache,
+        settings,
+        folds=folds,
+        seed=seed,
+        train_prompts=train_prompts,
+        memo=memo,
+        log=log,
+    )
+    scores = [result["scores"][i].score for i in index]
+    extra: dict[str, Any] = {
+        "settings": asdict(settings),
+        "folds": result["folds"],
+        "train_prompts": train_prompts,
+        "seconds": time.monotonic() - start,
+        "cache": {k: cache.manifest[k] for k in ("model_sha256", "data_sha256", "k", "layers")},
+    }
+    if with_base:
+        untrained = TopStack(base, cache, settings, encoder, memo)
+        base_scores = score_prompts(untrained, cache.complete())
+        base_values = [base_scores[i].score for i in index]
+        write_report(out, f"{name}.untrained", examples, base_values, {"model": "untrained"})
+        extra["against_untrained"] = paired_auroc_ci(examples, scores, base_values)
+    report = write_report(out, name, examples, scores, extra)
+    log(f"{name}: {time.monotonic() - start:.0f} s -> {out}")
+    return report
