@@ -88,3 +88,30 @@ def test_cache_refuses_another_model_and_bad_k(tiny_model_dir, data_dir, tmp_pat
         build_cache(str(tiny_model_dir), data_dir, out, k=1, dtype=torch.float32, device="cpu", limit=1)
     with pytest.raises(UserError, match="--k must be within"):
         build_cache(str(tiny_model_dir), data_dir, tmp_path / "c3", k=2, dtype=torch.float32, device="cpu")
+
+
+def test_derived_states_are_the_frozen_blocks_output(tmp_path):
+    import torch
+    from transformers import AutoTokenizer
+
+    from sgl_adaptive.finetune.activation_cache import ActivationCache, build_cache, derive_states
+    from sgl_adaptive.finetune.packing import tree_inputs
+    from sgl_adaptive.finetune.scoring import load_causal_lm
+    from sgl_adaptive.tiny_model import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "model", layers=3)
+    data = tmp_path / "data"
+    data.mkdir()
+    examples = _examples(AutoTokenizer.from_pretrained(model_dir))
+    (data / "train.jsonl").write_text("".join(json.dumps(ex) + "\n" for ex in examples))
+    build_cache(str(model_dir), data, tmp_path / "cache", k=2, dtype=torch.float32, device="cpu")
+    cache = ActivationCache(tmp_path / "cache")
+    model, _ = load_causal_lm(str(model_dir), device="cpu", dtype=torch.float32)
+    assert derive_states(model, cache, 1) == 2 and derive_states(model, cache, 1) == 0  # once
+    for n in cache.complete():
+        tree = cache.tree(cache.load(n))
+        with torch.no_grad():
+            states = model(**tree_inputs(tree), output_hidden_states=True).hidden_states
+        assert torch.allclose(cache.load_derived(n, 1), states[2][0], atol=1e-5)
+    with pytest.raises(Exception, match="--derive must be within"):
+        derive_states(model, cache, 2)

@@ -150,6 +150,17 @@ class ActivationCache:
         """Indices of the prompts whose shard is written."""
         return [n for n in range(len(self.groups)) if self.shard_path(n).is_file()]
 
+    def derived_path(self, n: int, k: int) -> Path:
+        """Where ``derive_states`` keeps prompt ``n``'s state entering block ``L - k`` (for a smaller ``k``)."""
+        return self.root / "prompts" / f"{n:05d}.k{k}.safetensors"
+
+    def load_derived(self, n: int, k: int) -> Any | None:
+        """Prompt ``n``'s state entering block ``L - k`` if ``derive_states`` wrote it, else None."""
+        from safetensors.torch import load_file
+
+        path = self.derived_path(n, k)
+        return load_file(str(path))["hidden"] if path.is_file() else None
+
     def load(self, n: int) -> dict[str, Any]:
         """Prompt ``n``'s tensors (``hidden``, ``answer_states``, ``input_ids``, ``positions``,
         ``parents``, ``ends``, ``response_start``, ``response_end``) and ``examples`` (its indices)."""
@@ -277,6 +288,68 @@ def build_cache(
             f"cached {len(todo)} prompts ({nodes} tokens) in {elapsed:.0f} s ({nodes / max(elapsed, 1e-9):.0f} tok/s)"
         )
     return manifest
+
+
+def frozen_forward(model: Any, tree: PackedTree, hidden: Any, start: int, stop: int) -> Any:
+    """Blocks ``start .. stop - 1`` of ``model`` on the tree, from the state entering ``start`` ``[N, d]``."""
+    import torch
+
+    body = model.model
+    pos = torch.tensor([tree.positions], device=hidden.device)
+    rotary = body.rotary_emb(hidden[None], pos)
+    with torch.no_grad(), tree_attention(model, tree):
+        h = hidden[None]
+        for layer in body.layers[start:stop]:
+            h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=rotary)
+    return h[0]
+
+
+def derive_states(
+    model: Any,
+    cache: ActivationCache,
+    k: int,
+    *,
+    follow: bool = False,
+    idle_s: float = 600.0,
+    progress: Callable[[int], Callable[[int], None]] | None = None,
+    log: Callable[[str], None] = print,
+) -> int:
+    """Store, for every cached prompt, the state entering block ``L - k`` (``k`` < the cache's ``k``): the
+    frozen blocks between run once here instead of in every training run. ``follow``: keep going while
+    ``finetune cache`` is still writing prompts (stop once all are done, or after ``idle_s`` without a
+    new one). Returns the prompts derived."""
+    from safetensors.torch import save_file
+
+    layers = int(cache.manifest["layers"])
+    if not 1 <= k < cache.k:
+        raise UserError(f"--derive must be within [1, {cache.k - 1}] for a cache of k = {cache.k}")
+    start, stop = layers - cache.k, layers - k
+    device = next(model.parameters()).device
+    dtype = next(model.model.layers[0].parameters()).dtype
+    advance = progress(len(cache.groups)) if progress else None
+    done, last_new = 0, time.monotonic()
+    while True:
+        todo = [n for n in cache.complete() if not cache.derived_path(n, k).is_file()]
+        for n in todo:
+            shard = cache.load(n)
+            hidden = frozen_forward(model, cache.tree(shard), shard["hidden"].to(device, dtype), start, stop)
+            path = cache.derived_path(n, k)
+            save_file({"hidden": hidden.contiguous()}, str(path.with_suffix(".tmp")))
+            os.replace(path.with_suffix(".tmp"), path)
+            done += 1
+            last_new = time.monotonic()
+            if advance:
+                advance(1)
+        everything_cached = len(cache.complete()) == len(cache.groups)
+        if not follow or (
+            everything_cached and all(cache.derived_path(n, k).is_file() for n in cache.complete())
+        ):
+            break
+        if time.monotonic() - last_new > idle_s:
+            log(f"no new cached prompt for {idle_s:.0f} s: stopping ({len(cache.complete())} cached)")
+            break
+        time.sleep(5)
+    return done
 
 
 def _write_atomic(path: Path, text: str) -> None:

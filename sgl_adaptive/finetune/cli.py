@@ -325,6 +325,15 @@ def cache_command(
     ] = 4,
     model: Annotated[str | None, typer.Option(help="Base model (default: embedded 0.5B).")] = None,
     limit: Annotated[int | None, typer.Option(help="Cache the first N prompts only.")] = None,
+    derive: Annotated[
+        int | None,
+        typer.Option(
+            help="Instead: store the state entering block L-K of every cached prompt (K < the cache's k)."
+        ),
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option(help="With --derive: keep up with a `finetune cache` still running.")
+    ] = False,
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
     dtype: DtypeOption = "auto",
 ) -> None:
@@ -344,6 +353,20 @@ def cache_command(
         except ValueError as exc:
             raise UserError(str(exc)) from None
         model_path = resolve_model(model, console=err, base=True)
+        if derive is not None:
+            from sgl_adaptive.finetune.activation_cache import ActivationCache, derive_states
+            from sgl_adaptive.finetune.top_train import check_cache_model, load_base
+
+            activations = ActivationCache(out)
+            check_cache_model(activations, model_path)
+            base, _ = load_base(model_path, dtype=torch_dtype, device=device)
+            progress, factory = _progress(f"deriving the state entering block L-{derive}", "prompts")
+            with progress:
+                done = derive_states(
+                    base, activations, derive, follow=follow, progress=factory, log=progress.print
+                )
+            err.print(f"derived {done} prompts -> {out}", highlight=False)
+            return
         progress, factory = _progress("caching prompts", "prompts")
         with progress:
             manifest = build_cache(

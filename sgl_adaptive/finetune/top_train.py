@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sgl_adaptive.errors import UserError
-from sgl_adaptive.finetune.activation_cache import ActivationCache, layer_count
+from sgl_adaptive.finetune.activation_cache import ActivationCache, frozen_forward, layer_count
 from sgl_adaptive.finetune.labels import KEEP_LABEL, RETRY_LABEL
 from sgl_adaptive.finetune.packing import PackedTree, tree_attention
 from sgl_adaptive.finetune.train import LORA_TARGETS, _diverged, non_finite_gradients, one_token_loss
@@ -121,25 +121,20 @@ class TopStack:
 
     def entering(self, n: int, shard: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any], PackedTree]:
         """(state entering block ``L - k`` ``[N, d]``, the shard, its tree) of cached prompt ``n``."""
-        import torch
-
         shard = shard if shard is not None else self.cache.load(n)
         tree = self.cache.tree(shard)
         if n in self.memo:
             return self.memo[n], shard, tree
         device = next(self.model.parameters()).device
         dtype = next(self.base.model.layers[0].parameters()).dtype
-        hidden = shard["hidden"].to(device=device, dtype=dtype)
         start = self.layers - self.cache.k
-        if start < self.first:
-            body = self.base.model
-            pos = torch.tensor([tree.positions], device=device)
-            rotary = body.rotary_emb(hidden[None], pos)
-            with torch.no_grad(), tree_attention(self.base, tree):
-                h = hidden[None]
-                for layer in body.layers[start : self.first]:
-                    h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=rotary)
-            hidden = h[0]
+        derived = self.cache.load_derived(n, self.settings.k) if start < self.first else None
+        if derived is not None:
+            hidden = derived.to(device=device, dtype=dtype)
+        else:
+            hidden = shard["hidden"].to(device=device, dtype=dtype)
+            if start < self.first:
+                hidden = frozen_forward(self.base, tree, hidden, start, self.first)
         self.memo[n] = hidden
         return hidden, shard, tree
 
