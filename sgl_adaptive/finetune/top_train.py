@@ -88,6 +88,7 @@ class TopStack:
         encoder: Any,
         memo: dict[int, Any] | None = None,
     ) -> None:
+        import torch
         from peft import LoraConfig, get_peft_model
 
         self.cache, self.settings, self.encoder = cache, settings, encoder
@@ -112,6 +113,11 @@ class TopStack:
             trainable_token_indices={"lm_head": [self.no_id, self.yes_id]} if settings.head_rows else None,
         )
         self.model = get_peft_model(model, config)
+        for (
+            param
+        ) in self.model.parameters():  # fp32 master weights: a bf16 row would round small updates away
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
         self.base = self.model.get_base_model()
         self.memo = memo if memo is not None else {}
         self.answer_ids = [*encoder.keep_ids, *encoder.retry_ids]

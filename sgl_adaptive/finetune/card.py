@@ -1,0 +1,91 @@
+"""The trained self-evaluator's model card, and the rule that decides whether it becomes the default.
+
+The rule (issue 21): the adapter becomes the library's default model only when its out-of-fold Best-of-8
+beats the first sample by more than its interval (the lower end of the paired 95% bootstrap interval of
+selected − first is above 0) and generation barely moved (greedy answers on the GSM8K dev split agree
+with the base model's on at least 95% of questions)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+MIN_GREEDY_AGREEMENT = 0.95
+
+
+def becomes_default(cv: dict[str, Any], greedy_agreement: float | None) -> tuple[bool, str]:
+    """(whether the adapter becomes the default, why), from its cross-validation report."""
+    bon = cv["report"]["best_of_n"]
+    low, high = bon["selected_minus_first_ci"]
+    gain = bon["selected_minus_first"]
+    if not low > 0:
+        return False, (
+            f"out-of-fold Best-of-{bon['pool_size']:.0f} minus first sample is {gain:+.3f} "
+            f"[{low:+.3f}, {high:+.3f}]: not above its interval"
+        )
+    if greedy_agreement is None or not greedy_agreement >= MIN_GREEDY_AGREEMENT:
+        return (
+            False,
+            f"greedy answers agree on {greedy_agreement} of dev questions (< {MIN_GREEDY_AGREEMENT})",
+        )
+    return (
+        True,
+        f"Best-of-N gain {gain:+.3f} [{low:+.3f}, {high:+.3f}], greedy agreement {greedy_agreement:.3f}",
+    )
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _ci(value: Any, interval: Any, sign: str = "") -> str:
+    if value is None:
+        return "-"
+    low, high = interval or (None, None)
+    return f"{value:{sign}.3f} [{_f(low, 2)}, {_f(high, 2)}]"
+
+
+def figures_table(trained: dict[str, Any], untrained: dict[str, Any]) -> list[str]:
+    """Markdown rows of the headline out-of-fold figures, untrained against trained."""
+    rows = ["| out of fold | untrained | trained |", "|---|---|---|"]
+    t, u = trained["report"], untrained["report"]
+    for label, key, ci_key in (
+        ("AUROC (all examples)", "auroc", "auroc_ci"),
+        ("AUROC within prompts", "within_prompt_auroc", "within_prompt_auroc_ci"),
+    ):
+        rows.append(
+            f"| {label} | {_ci(u['summary'][key], u['summary'][ci_key])} | "
+            f"{_ci(t['summary'][key], t['summary'][ci_key])} |"
+        )
+    rows.append(
+        f"| Brier (hard label / pairwise target) | {_f(u['summary']['brier'], 4)} / "
+        f"{_f(u['summary']['brier_soft'], 4)} | {_f(t['summary']['brier'], 4)} / "
+        f"{_f(t['summary']['brier_soft'], 4)} |"
+    )
+    tb, ub = t["best_of_n"], u["best_of_n"]
+    rows.append(
+        f"| Best-of-{tb['pool_size']:.0f} by the score | {_f(ub['selected'])} | {_f(tb['selected'])} |"
+    )
+    rows.append(
+        f"| Best-of-N − first sample [95% CI] | {_ci(ub['selected_minus_first'], ub['selected_minus_first_ci'], '+')} | "
+        f"{_ci(tb['selected_minus_first'], tb['selected_minus_first_ci'], '+')} |"
+    )
+    rows.append(
+        f"| Best-of-N − majority [95% CI] | {_ci(ub['selected_minus_majority'], ub['selected_minus_majority_ci'], '+')} | "
+        f"{_ci(tb['selected_minus_majority'], tb['selected_minus_majority_ci'], '+')} |"
+    )
+    tv, uv = t.get("weighted_vote") or {}, u.get("weighted_vote") or {}
+    if tv:
+        rows.append(
+            f"| score-weighted vote (weighting chosen per fold) | {_f(uv.get('reward'))} | {_f(tv.get('reward'))} |"
+        )
+        rows.append(
+            f"| weighted vote − majority [95% CI] | "
+            f"{_ci(uv.get('minus_majority'), uv.get('minus_majority_ci'), '+')} | "
+            f"{_ci(tv.get('minus_majority'), tv.get('minus_majority_ci'), '+')} |"
+        )
+    rows.append(
+        f"| first sample / majority / oracle | {_f(tb['first_sample'])} / {_f(tb['majority'])} / "
+        f"{_f(tb['oracle'])} | (same samples) |"
+    )
+    return rows
