@@ -161,15 +161,18 @@ class ActivationCache:
         path = self.derived_path(n, k)
         return load_file(str(path))["hidden"] if path.is_file() else None
 
-    def load(self, n: int) -> dict[str, Any]:
+    def load(self, n: int, states: bool = True) -> dict[str, Any]:
         """Prompt ``n``'s tensors (``hidden``, ``answer_states``, ``input_ids``, ``positions``,
-        ``parents``, ``ends``, ``response_start``, ``response_end``) and ``examples`` (its indices)."""
-        from safetensors.torch import load_file
+        ``parents``, ``ends``, ``response_start``, ``response_end``) and ``examples`` (its indices);
+        ``states`` False reads only the tree and the ranges, not the two state tensors."""
+        from safetensors import safe_open
 
         path = self.shard_path(n)
         if not path.is_file():
             raise UserError(f"prompt {n} of {self.root} is not cached yet (rerun `finetune cache`)")
-        shard = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            names = [k for k in f.keys() if states or k not in ("hidden", "answer_states")]  # noqa: SIM118
+            shard: dict[str, Any] = {k: f.get_tensor(k) for k in names}
         shard["examples"] = self.groups[n]
         return shard
 

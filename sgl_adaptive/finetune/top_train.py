@@ -127,7 +127,8 @@ class TopStack:
 
     def entering(self, n: int, shard: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any], PackedTree]:
         """(state entering block ``L - k`` ``[N, d]``, the shard, its tree) of cached prompt ``n``."""
-        shard = shard if shard is not None else self.cache.load(n)
+        if shard is None:
+            shard = self.cache.load(n, states=n not in self.memo and self.first == self.layers - self.cache.k)
         tree = self.cache.tree(shard)
         if n in self.memo:
             return self.memo[n], shard, tree
@@ -138,6 +139,8 @@ class TopStack:
         if derived is not None:
             hidden = derived.to(device=device, dtype=dtype)
         else:
+            if "hidden" not in shard:
+                shard = self.cache.load(n)
             hidden = shard["hidden"].to(device=device, dtype=dtype)
             if start < self.first:
                 hidden = frozen_forward(self.base, tree, hidden, start, self.first)
