@@ -2,6 +2,7 @@
 
 sgl-adaptive bench (--model PATH | --endpoint URL) --dataset NAME_OR_FILE --out DIR [options]
 sgl-adaptive bench report DIR
+sgl-adaptive bench rescore --pools DIR/pools.jsonl --model MODEL --out DIR2 [--dtype] [--device]
 """
 
 from __future__ import annotations
@@ -206,3 +207,49 @@ def report(
         write_report(out_dir)
     except UserError as exc:
         raise _fail(str(exc)) from None
+
+
+@app.command("rescore")
+def rescore(
+    pools: Annotated[
+        Path | None, typer.Option(help="DIR/pools.jsonl of a sweep (sgl-adaptive bench --mode sweep).")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="The self-evaluator that re-scores: HF model dir, hub name or LoRA adapter dir."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the re-scored pools.jsonl, rescore.json and the replayed sweep."),
+    ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            help="Tokenizer the pools were generated with, to cut the prefixes at the budgets "
+            "(default: the sweep's --model folder, else MODEL's)."
+        ),
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="The pools' dataset (default: the one DIR/runs.jsonl records).")
+    ] = None,
+    data_root: Annotated[
+        str | None, typer.Option(help="Folder holding gsm8k-train.jsonl (default: the recorded one).")
+    ] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Re-score every self-evaluation of a sweep's pools with MODEL (one packed forward per question,
+    offline), keep everything else, and replay the recorded sweeps from them into DIR2 (the report, as
+    `bench report DIR2`). Rerunning the same command resumes."""
+    from .rescore import RescoreOptions, run_rescore
+
+    try:
+        if pools is None or model is None or out is None:
+            raise UserError("--pools, --model and --out are required")
+        check_dtype(dtype)
+        opts = RescoreOptions(pools, model, out, tokenizer, dataset, data_root, device, dtype)
+        run_rescore(opts, err)
+    except (UserError, ProgramError) as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted: rerun the same command to resume", 130) from None
