@@ -25,3 +25,34 @@ def test_an_adapter_becomes_the_default_only_above_its_interval_and_without_drif
     assert not ok and "agree" in why
     assert not becomes_default(_cv(0.08, 0.02, 0.14), None)[0]
     assert not becomes_default(_cv(0.0, 0.0, 0.1), 1.0)[0]  # a lower end of exactly 0 is not above it
+
+
+def test_greedy_comparison_counts_the_shared_questions(tmp_path):
+    import json
+
+    import pytest
+
+    from sgl_adaptive.errors import UserError
+    from sgl_adaptive.finetune.experiments import greedy_comparison
+
+    def write(folder, rows):
+        folder.mkdir()
+        lines = [
+            {"kind": "result", "method": "greedy", "qid": q, "answer": a, "correct": c, "response": a}
+            for q, a, c in rows
+        ]
+        (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    write(tmp_path / "base", [("q1", "4", True), ("q2", "7", False), ("q3", "1", False)])
+    write(tmp_path / "trained", [("q1", "4", True), ("q2", "8", True), ("q4", "2", False)])
+    got = greedy_comparison(tmp_path / "base", tmp_path / "trained")
+    assert got == {
+        "questions": 2,
+        "base_accuracy": 0.5,
+        "accuracy": 1.0,
+        "agreement": 0.5,
+        "same_response": 0.5,
+    }
+    write(tmp_path / "other", [("q9", "1", True)])
+    with pytest.raises(UserError, match="share no finished greedy question"):
+        greedy_comparison(tmp_path / "base", tmp_path / "other")

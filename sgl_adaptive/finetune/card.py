@@ -89,3 +89,75 @@ def figures_table(trained: dict[str, Any], untrained: dict[str, Any]) -> list[st
         f"{_f(tb['oracle'])} | (same samples) |"
     )
     return rows
+
+
+def model_card(
+    *,
+    training: dict[str, Any],
+    trained: dict[str, Any],
+    untrained: dict[str, Any],
+    decision: tuple[bool, str],
+    drift: dict[str, Any] | None,
+    greedy: dict[str, Any] | None,
+    times: list[tuple[str, float, int]],
+    commands: list[str],
+) -> str:
+    """The adapter's README: what was trained on what, how, the out-of-fold figures, drift, greedy
+    accuracy before and after, stage times, and whether it is the default (and why)."""
+    s = training["settings"]
+    lines = [
+        "# Self-evaluation adapter for Qwen2.5-Coder-0.5B-Instruct (CPU-trained)",
+        "",
+        f"- **Base model:** the embedded default (Q4_K_M GGUF converted to bf16), weights sha256 "
+        f"`{training['base_sha256']}`.",
+        f"- **Data:** `../shared/data/selfeval-gsm8k-h200` ({training['prompts']} GSM8K-train prompts × 8 "
+        f"on-policy samples from a real SGLang server, verifier rewards, tie margin 0.5; every response in "
+        f"full and cut at 16/32/64/128/256 tokens); examples sha256 `{training['data_sha256']}`.",
+        f"- **What is trained:** LoRA r {s['lora_r']} (α {s['lora_alpha']}) on the attention and MLP "
+        f"projections of the top {s['k']} block(s), and the output head's rows of the answer tokens "
+        f"{'(trained)' if s['head_rows'] else '(not trained)'}; from the activation cache "
+        "(`finetune cache`, `finetune top`).",
+        f"- **Target:** {'the pairwise P(win or tie) (the paper’s)' if s['soft_labels'] else 'the hard label (no other sample beats it)'}; "
+        f"drift term {s['kl_weight']} × KL(base ‖ model) at {s['drift_positions']} response positions per "
+        "full response.",
+        f"- **Optimisation:** AdamW lr {s['lr']}, cosine with {s['warmup_ratio']:.0%} warm-up, "
+        f"{s['epochs']} epochs, {s['prompts_per_step']} prompts (packed trees) per step, "
+        f"{training['run']['steps']} steps, seed {s['seed']}.",
+        "",
+        "## Out-of-fold figures (5-fold cross-validation grouped by prompt, the same recipe per fold)",
+        "",
+        "Intervals: 95% bootstrap over prompts, paired where two choices are compared.",
+        "",
+        *figures_table(trained, untrained),
+        "",
+    ]
+    if drift:
+        lines += [
+            f"**Drift** ({drift.get('where', '')}): KL(base ‖ model) {drift['kl_per_token']:.5f} nats per "
+            f"token over {drift['tokens']} response tokens, greedy next-token agreement "
+            f"{drift['greedy_agreement']:.3f}.",
+            "",
+        ]
+    if greedy:
+        lines += [
+            f"**GSM8K dev split, greedy** ({greedy['questions']} questions): accuracy "
+            f"{greedy['base_accuracy']:.3f} before, {greedy['accuracy']:.3f} after; the final answers agree "
+            f"on {greedy['agreement']:.3f} of questions.",
+            "",
+        ]
+    default, why = decision
+    lines += [
+        f"**Default model:** {'yes' if default else 'no'}: {why}.",
+        "",
+        "## Time and memory (2 cores, AMD EPYC with AVX512-BF16, bf16)",
+        "",
+        "| stage | wall | peak RSS |",
+        "|---|---|---|",
+        *[f"| {name} | {wall / 60:.1f} min | {rss / 1024:.1f} GiB |" for name, wall, rss in times],
+        "",
+        "## Commands",
+        "",
+        *[f"    {c}" for c in commands],
+        "",
+    ]
+    return "\n".join(lines)

@@ -215,3 +215,44 @@ def top_cv(
     report = write_report(out, name, examples, scores, extra)
     log(f"{name}: {time.monotonic() - start:.0f} s -> {out}")
     return report
+
+
+def greedy_comparison(base_dir: Path, trained_dir: Path) -> dict[str, Any]:
+    """Greedy answers of two ``bench --methods greedy`` runs on the same questions: accuracy of each and
+    how often their final answers agree (over the questions both runs finished)."""
+    from sgl_adaptive.data import read_jsonl
+
+    def greedy(folder: Path) -> dict[str, dict[str, Any]]:
+        return {
+            r["qid"]: r
+            for r in read_jsonl(folder / "results.jsonl")
+            if r.get("kind") == "result" and r.get("method") == "greedy"
+        }
+
+    base, trained = greedy(base_dir), greedy(trained_dir)
+    common = sorted(set(base) & set(trained))
+    if not common:
+        raise UserError(f"{base_dir} and {trained_dir} share no finished greedy question")
+    return {
+        "questions": len(common),
+        "base_accuracy": float(np.mean([bool(base[q]["correct"]) for q in common])),
+        "accuracy": float(np.mean([bool(trained[q]["correct"]) for q in common])),
+        "agreement": float(np.mean([base[q]["answer"] == trained[q]["answer"] for q in common])),
+        "same_response": float(np.mean([base[q]["response"] == trained[q]["response"] for q in common])),
+    }
+
+
+def drift_report(base_path: str, model_path: str, data_dir: Path, limit: int = 32, dtype: Any = None) -> dict:
+    """``evaluate.drift`` (KL(base ‖ model) per response token, greedy next-token agreement) on the first
+    ``limit`` held-out full responses of a ``finetune data`` folder."""
+    from sgl_adaptive.data import read_jsonl
+    from sgl_adaptive.finetune.evaluate import drift
+    from sgl_adaptive.finetune.scoring import SelfEvalEncoder, load_causal_lm
+
+    examples = list(read_jsonl(data_dir / "heldout.jsonl"))
+    base, tokenizer = load_causal_lm(base_path, device="cpu", dtype=dtype)
+    model, _ = load_causal_lm(model_path, device="cpu", dtype=dtype)
+    return {
+        **drift(base, model, SelfEvalEncoder(tokenizer), examples, limit=limit),
+        "where": f"{data_dir}/heldout.jsonl",
+    }
