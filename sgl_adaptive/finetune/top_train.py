@@ -190,8 +190,28 @@ class TopStack:
                     h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=rotary)
         return body.norm(self.top_block(body.layers[self.layers - 1], h[0], tree, rotary, query))
 
-    def head(self, final: Any) -> Any:
-        return self.base.lm_head(final)
+    def _head_parts(self) -> tuple[Any, Any, Any]:
+        """(the head's frozen weight, the trained token ids or None, their trained rows or None)."""
+        head = self.base.lm_head
+        adapter = getattr(head, "token_adapter", None)  # PEFT's trainable-tokens wrapper
+        if adapter is None:
+            return head.weight, None, None
+        name = adapter.active_adapters[0]
+        return adapter.base_layer.weight, adapter.token_indices[name], adapter.trainable_tokens_delta[name]
+
+    def head(self, final: Any, base: bool = False) -> Any:
+        """Logits at ``final`` (``[Q, d]``): the frozen head, with the trained rows in place unless
+        ``base``. Computed here rather than by PEFT's wrapper, which copies the whole head matrix to
+        substitute two rows (a 272 MB copy per forward on the 0.5B)."""
+        import torch
+        import torch.nn.functional as F
+
+        weight, ids, rows = self._head_parts()
+        logits = F.linear(final, weight)
+        if ids is None or base:
+            return logits
+        index = torch.tensor(ids, device=final.device)
+        return logits.index_copy(-1, index, final @ rows.to(final.dtype).T)
 
     # --- loss and scores ---------------------------------------------------------------------------
 
@@ -237,7 +257,7 @@ class TopStack:
         parts = {"answer": float(loss.detach())}
         if drift:
             with torch.no_grad(), self.model.disable_adapter():
-                teacher = self.head(self.final_hidden(hidden, tree, drift))
+                teacher = self.head(self.final_hidden(hidden, tree, drift), base=True)
             t_logp = torch.log_softmax(teacher.float(), -1)
             s_logp = torch.log_softmax(logits[len(rows) :].float(), -1)
             kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
@@ -247,12 +267,12 @@ class TopStack:
 
     def answer_rows(self) -> Any:
         """The head's current rows of the answer tokens (trained rows included), in fp32."""
-        import torch
-
-        head = self.base.lm_head
-        adapter = getattr(head, "token_adapter", None)  # PEFT's wrapper of the trained rows
-        weight = head.weight if adapter is None else adapter.get_merged_weights(adapter.active_adapters)
-        return weight[torch.tensor(self.answer_ids)].float()
+        weight, ids, rows = self._head_parts()
+        out = weight[self.answer_ids].float()
+        for j, token in enumerate(self.answer_ids):
+            if ids is not None and token in ids:
+                out[j] = rows[ids.index(token)].float()
+        return out
 
     def scores(self, n: int) -> list[Any]:
         """``ExampleScore`` of prompt ``n``'s examples (cache order), the answer logits in fp32."""
