@@ -184,6 +184,10 @@ def test_cli_cross_validates_probes_and_exports(four_layer_model, cache_dir, tmp
     assert res.exit_code == 0, res.output
     curve = json.loads((out / "probe-curve.json").read_text())
     assert [row["layer"] for row in curve["layers"]] == [0, 2]
+    res = _cli("finetune", "probe", "--cache", cache_dir, "--out", out, "--folds", 2, "--budgets", "full")
+    assert res.exit_code == 0, res.output
+    full = json.loads((out / "probe-curve-full.json").read_text())
+    assert full["examples"] == 6 and full["budgets"] == ["full"] and len(full["layers"]) == 3
     res = _cli("finetune", "probe", "--cache", cache_dir, "--out", out, "--layers", "9")
     assert res.exit_code == 2 and "--layers must be within [0, 2]" in res.output
 

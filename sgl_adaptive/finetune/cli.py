@@ -400,10 +400,15 @@ def probe_command(
         typer.Option("--soft-labels/--hard-labels", help="Probe target: P(win or tie) or the hard label."),
     ] = False,
     seed: Annotated[int, typer.Option(help="Fold seed.")] = 0,
+    budgets: Annotated[
+        str | None,
+        typer.Option(help="Probe these examples only, e.g. full (complete responses) or full,128."),
+    ] = None,
 ) -> None:
     """Out-of-fold linear probes on each cached layer's state at the answer positions (the probe curve)."""
     from sgl_adaptive.finetune.activation_cache import ActivationCache
     from sgl_adaptive.finetune.experiments import probe_curve
+    from sgl_adaptive.finetune.train import parse_train_budgets
 
     with _errors():
         if folds < 2:
@@ -419,6 +424,7 @@ def probe_command(
             folds=folds,
             seed=seed,
             soft=soft_labels,
+            budgets=parse_train_budgets(budgets),
             log=lambda m: err.print(m, highlight=False, soft_wrap=True),
         )
 

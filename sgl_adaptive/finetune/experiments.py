@@ -92,11 +92,14 @@ def probe_curve(
     folds: int = 5,
     seed: int = 0,
     soft: bool = False,
+    budgets: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Out-of-fold logistic probes on the state entering each cached layer at the answer positions
     (``answer_states``; layer j is transformers' ``hidden_states[j]``): one line per layer with pooled
-    and within-prompt AUROC, Best-of-K and the weighted vote; the scores of each layer in ``out``."""
+    and within-prompt AUROC, Best-of-K and the weighted vote; the scores of each layer in ``out``.
+    ``budgets`` ("full" and token counts) keeps those examples only, e.g. ("full",) for complete
+    responses."""
     from sgl_adaptive.finetune.oof import oof_report
     from sgl_adaptive.finetune.probe import oof_probe_scores
 
@@ -104,17 +107,25 @@ def probe_curve(
     if not examples:
         raise UserError(f"{cache.root} has no cached prompt yet")
     states = [cache.load(n)["answer_states"] for n in cache.complete()]
+    keep = np.arange(len(examples))
+    if budgets is not None:
+        names = ["full" if ex["truncated_tokens"] is None else str(ex["truncated_tokens"]) for ex in examples]
+        keep = np.array([j for j, name in enumerate(names) if name in set(budgets)], dtype=int)
+        if not len(keep):
+            raise UserError(f"no cached example has a budget in {list(budgets)}")
+        examples, index = [examples[j] for j in keep], [index[j] for j in keep]
     available = states[0].shape[1]
     layers = list(range(available)) if layers is None else list(layers)
     if any(not 0 <= j < available for j in layers):
         raise UserError(f"--layers must be within [0, {available - 1}] for this cache")
+    suffix = "" if budgets is None else "-" + "-".join(budgets)
     labels = np.array([ex["label"] == KEEP_LABEL for ex in examples])
     targets = np.array([float(ex["soft_no"]) for ex in examples]) if soft else labels.astype(float)
     prompt_ids = [ex["prompt_id"] for ex in examples]
     rows = []
     for j in layers:
         start = time.monotonic()
-        X = np.concatenate([s[:, j].float().numpy() for s in states])
+        X = np.concatenate([s[:, j].float().numpy() for s in states])[keep]
         scores, l2s = oof_probe_scores(X, targets, prompt_ids, folds=folds, seed=seed, labels=labels)
         report = oof_report(examples, scores, folds=folds, seed=seed)
         s, b = report["summary"], report["best_of_n"]
@@ -140,20 +151,21 @@ def probe_curve(
             f"(first {row['first_sample']:.3f}, majority {row['majority']:.3f}) [{row['seconds']:.0f} s]"
         )
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"probe-layer{j}.scores.jsonl").write_text(
+        (out / f"probe-layer{j}{suffix}.scores.jsonl").write_text(
             "".join(
                 json.dumps({"i": i, "score": round(float(v), 6)}) + "\n"
                 for i, v in zip(index, scores, strict=True)
             )
         )
     result = {
+        "budgets": list(budgets) if budgets is not None else "all",
         "prompts": len(cache.complete()),
         "examples": len(examples),
         "target": "soft" if soft else "hard",
         "folds": folds,
         "layers": rows,
     }
-    (out / "probe-curve.json").write_text(json.dumps(_json_safe(result), indent=1) + "\n")
+    (out / f"probe-curve{suffix}.json").write_text(json.dumps(_json_safe(result), indent=1) + "\n")
     return result
 
 
