@@ -56,3 +56,35 @@ def test_greedy_comparison_counts_the_shared_questions(tmp_path):
     write(tmp_path / "other", [("q9", "1", True)])
     with pytest.raises(UserError, match="share no finished greedy question"):
         greedy_comparison(tmp_path / "base", tmp_path / "other")
+
+
+def test_the_card_renders_the_committed_reports():
+    import json
+    from pathlib import Path
+
+    from sgl_adaptive.finetune.card import becomes_default, model_card
+
+    results = Path(__file__).parent.parent / "bench" / "results" / "selfeval-cpu"
+    trained = json.loads((results / "k1-hard.json").read_text())
+    untrained = json.loads((results / "untrained.json").read_text())
+    decision = becomes_default(trained, None)
+    assert not decision[0]  # the committed run's Best-of-8 gain is not above its interval
+    training = {
+        "settings": trained["settings"],
+        "base_sha256": trained["cache"]["model_sha256"],
+        "data_sha256": trained["cache"]["data_sha256"],
+        "prompts": 342,
+        "run": {"steps": 171},
+    }
+    card = model_card(
+        training=training,
+        trained=trained,
+        untrained=untrained,
+        decision=decision,
+        drift=None,
+        greedy=None,
+        times=[("cache", 3960.0, 4500)],
+        commands=["sgl-adaptive finetune top ..."],
+    )
+    assert "| Best-of-8 by the score | 0.281 | 0.249 |" in card
+    assert "**Default model:** no" in card and "| cache | 66.0 min | 4.4 GiB |" in card

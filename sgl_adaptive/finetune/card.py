@@ -7,8 +7,9 @@ with the base model's on at least 95% of questions)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
+
+from sgl_adaptive.finetune.oof import fmt, fmt_ci
 
 MIN_GREEDY_AGREEMENT = 0.95
 
@@ -34,17 +35,6 @@ def becomes_default(cv: dict[str, Any], greedy_agreement: float | None) -> tuple
     )
 
 
-def _f(x: Any, digits: int = 3) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def _ci(value: Any, interval: Any, sign: str = "") -> str:
-    if value is None:
-        return "-"
-    low, high = interval or (None, None)
-    return f"{value:{sign}.3f} [{_f(low, 2)}, {_f(high, 2)}]"
-
-
 def figures_table(trained: dict[str, Any], untrained: dict[str, Any]) -> list[str]:
     """Markdown rows of the headline out-of-fold figures, untrained against trained."""
     rows = ["| out of fold | untrained | trained |", "|---|---|---|"]
@@ -54,39 +44,39 @@ def figures_table(trained: dict[str, Any], untrained: dict[str, Any]) -> list[st
         ("AUROC within prompts", "within_prompt_auroc", "within_prompt_auroc_ci"),
     ):
         rows.append(
-            f"| {label} | {_ci(u['summary'][key], u['summary'][ci_key])} | "
-            f"{_ci(t['summary'][key], t['summary'][ci_key])} |"
+            f"| {label} | {fmt_ci(u['summary'][key], u['summary'][ci_key])} | "
+            f"{fmt_ci(t['summary'][key], t['summary'][ci_key])} |"
         )
     rows.append(
-        f"| Brier (hard label / pairwise target) | {_f(u['summary']['brier'], 4)} / "
-        f"{_f(u['summary']['brier_soft'], 4)} | {_f(t['summary']['brier'], 4)} / "
-        f"{_f(t['summary']['brier_soft'], 4)} |"
+        f"| Brier (hard label / pairwise target) | {fmt(u['summary']['brier'], 4)} / "
+        f"{fmt(u['summary']['brier_soft'], 4)} | {fmt(t['summary']['brier'], 4)} / "
+        f"{fmt(t['summary']['brier_soft'], 4)} |"
     )
     tb, ub = t["best_of_n"], u["best_of_n"]
     rows.append(
-        f"| Best-of-{tb['pool_size']:.0f} by the score | {_f(ub['selected'])} | {_f(tb['selected'])} |"
+        f"| Best-of-{tb['pool_size']:.0f} by the score | {fmt(ub['selected'])} | {fmt(tb['selected'])} |"
     )
     rows.append(
-        f"| Best-of-N − first sample [95% CI] | {_ci(ub['selected_minus_first'], ub['selected_minus_first_ci'], '+')} | "
-        f"{_ci(tb['selected_minus_first'], tb['selected_minus_first_ci'], '+')} |"
+        f"| Best-of-N − first sample [95% CI] | {fmt_ci(ub['selected_minus_first'], ub['selected_minus_first_ci'], '+')} | "
+        f"{fmt_ci(tb['selected_minus_first'], tb['selected_minus_first_ci'], '+')} |"
     )
     rows.append(
-        f"| Best-of-N − majority [95% CI] | {_ci(ub['selected_minus_majority'], ub['selected_minus_majority_ci'], '+')} | "
-        f"{_ci(tb['selected_minus_majority'], tb['selected_minus_majority_ci'], '+')} |"
+        f"| Best-of-N − majority [95% CI] | {fmt_ci(ub['selected_minus_majority'], ub['selected_minus_majority_ci'], '+')} | "
+        f"{fmt_ci(tb['selected_minus_majority'], tb['selected_minus_majority_ci'], '+')} |"
     )
     tv, uv = t.get("weighted_vote") or {}, u.get("weighted_vote") or {}
     if tv:
         rows.append(
-            f"| score-weighted vote (weighting chosen per fold) | {_f(uv.get('reward'))} | {_f(tv.get('reward'))} |"
+            f"| score-weighted vote (weighting chosen per fold) | {fmt(uv.get('reward'))} | {fmt(tv.get('reward'))} |"
         )
         rows.append(
             f"| weighted vote − majority [95% CI] | "
-            f"{_ci(uv.get('minus_majority'), uv.get('minus_majority_ci'), '+')} | "
-            f"{_ci(tv.get('minus_majority'), tv.get('minus_majority_ci'), '+')} |"
+            f"{fmt_ci(uv.get('minus_majority'), uv.get('minus_majority_ci'), '+')} | "
+            f"{fmt_ci(tv.get('minus_majority'), tv.get('minus_majority_ci'), '+')} |"
         )
     rows.append(
-        f"| first sample / majority / oracle | {_f(tb['first_sample'])} / {_f(tb['majority'])} / "
-        f"{_f(tb['oracle'])} | (same samples) |"
+        f"| first sample / majority / oracle | {fmt(tb['first_sample'])} / {fmt(tb['majority'])} / "
+        f"{fmt(tb['oracle'])} | (same samples) |"
     )
     return rows
 
@@ -100,6 +90,7 @@ def model_card(
     drift: dict[str, Any] | None,
     greedy: dict[str, Any] | None,
     times: list[tuple[str, float, int]],
+    # (stage, wall seconds, peak RSS in MiB), as scripts/selfeval_cpu.sh writes times.tsv
     commands: list[str],
 ) -> str:
     """The adapter's README: what was trained on what, how, the out-of-fold figures, drift, greedy

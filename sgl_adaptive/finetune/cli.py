@@ -51,6 +51,17 @@ def _progress(description: str, unit: str) -> tuple[ProgressDisplay, Any]:
     return display, factory
 
 
+def _torch_dtype(name: str, device: str | None) -> Any:
+    """``--dtype`` as a torch dtype: ``auto`` is the device's default (bf16 where the CPU has it)."""
+    from sgl_adaptive.backends.precision import default_dtype, parse_dtype
+    from sgl_adaptive.finetune.scoring import default_device
+
+    try:
+        return parse_dtype(name) or default_dtype(device or default_device())
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def _json_safe(obj: Any) -> Any:
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
@@ -338,20 +349,15 @@ def cache_command(
     dtype: DtypeOption = "auto",
 ) -> None:
     """Run the frozen lower layers once over each prompt's packed tree and store their output (resumable)."""
-    from sgl_adaptive.backends.precision import default_dtype, parse_dtype
     from sgl_adaptive.devices import check_device
     from sgl_adaptive.finetune.activation_cache import build_cache
-    from sgl_adaptive.finetune.scoring import default_device
     from sgl_adaptive.model_store import resolve_model
 
     with _errors():
         if limit is not None and limit < 1:
             raise UserError(f"--limit must be at least 1 (got {limit})")
         check_device(device)
-        try:
-            torch_dtype = parse_dtype(dtype) or default_dtype(device or default_device())
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        torch_dtype = _torch_dtype(dtype, device)
         model_path = resolve_model(model, console=err, base=True)
         if derive is not None:
             from sgl_adaptive.finetune.activation_cache import ActivationCache, derive_states
@@ -471,7 +477,6 @@ def top_command(
 ) -> None:
     """Train the top k blocks (LoRA) and the head's Yes/No rows from the cache: out of fold (--cv N), or on
     every cached prompt with the adapter exported (--cv 0)."""
-    from sgl_adaptive.backends.precision import default_dtype, parse_dtype
     from sgl_adaptive.finetune.activation_cache import ActivationCache
     from sgl_adaptive.finetune.top_train import TopSettings
     from sgl_adaptive.finetune.train import parse_train_budgets
@@ -485,10 +490,7 @@ def top_command(
             raise UserError(f"--lr must be a positive number (got {lr})")
         if epochs <= 0 or prompts_per_step < 1:
             raise UserError("--epochs must be positive and --prompts-per-step at least 1")
-        try:
-            torch_dtype = parse_dtype(dtype) or default_dtype("cpu")
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        torch_dtype = _torch_dtype(dtype, "cpu")
         settings = TopSettings(
             k=k,
             lora_r=lora_r,
@@ -609,20 +611,16 @@ def _evaluate(
     dtype_name: str,
 ) -> dict[str, Any]:
     """The ``eval`` report; each model scores every prompt's examples in one packed forward."""
-    from sgl_adaptive.backends.precision import default_dtype, parse_dtype
     from sgl_adaptive.data import read_jsonl
     from sgl_adaptive.devices import check_device
     from sgl_adaptive.finetune.evaluate import drift, drift_items, evaluate_scores
     from sgl_adaptive.finetune.packing import score_packed
-    from sgl_adaptive.finetune.scoring import SelfEvalEncoder, default_device, load_causal_lm
+    from sgl_adaptive.finetune.scoring import SelfEvalEncoder, load_causal_lm
     from sgl_adaptive.finetune.train import CHECKPOINT_INFO
     from sgl_adaptive.model_store import resolve_model
 
     check_device(device)
-    try:
-        dtype = parse_dtype(dtype_name) or default_dtype(device or default_device())
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    dtype = _torch_dtype(dtype_name, device)
     if split not in ("heldout", "train"):
         raise UserError(f"--split must be heldout or train (got {split!r})")
     examples = (

@@ -354,15 +354,15 @@ def oof_report(
     return report
 
 
-def _f(x: Any, digits: int = 3) -> str:
+def fmt(x: Any, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def _ci(value: Any, interval: Any, sign: str = "") -> str:
+def fmt_ci(value: Any, interval: Any, sign: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     low, high = interval or (None, None)
-    return f"{value:{sign}.3f} [{_f(low, 2)}, {_f(high, 2)}]"
+    return f"{value:{sign}.3f} [{fmt(low, 2)}, {fmt(high, 2)}]"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -377,27 +377,27 @@ def format_oof_table(report: dict[str, Any]) -> str:
         ("metric", "value [95% CI]"),
         [
             ("examples / prompts", f"{s['n']} / {s['prompts']}"),
-            ("AUROC, pooled", _ci(s["auroc"], s["auroc_ci"])),
+            ("AUROC, pooled", fmt_ci(s["auroc"], s["auroc_ci"])),
             (
                 f"AUROC within prompts ({s['within_prompt_prompts']} with both labels)",
-                _ci(s["within_prompt_auroc"], s["within_prompt_auroc_ci"]),
+                fmt_ci(s["within_prompt_auroc"], s["within_prompt_auroc_ci"]),
             ),
-            ("Brier (hard / soft)", f"{_f(s['brier'], 4)} / {_f(s['brier_soft'], 4)}"),
+            ("Brier (hard / soft)", f"{fmt(s['brier'], 4)} / {fmt(s['brier_soft'], 4)}"),
         ],
     )
     budget_rows = []
     for key, row in report["per_budget"].items():
         bon = row.get("best_of_n") or {}
-        within = _ci(row["within_prompt_auroc"], row["within_prompt_auroc_ci"])
-        gain = _ci(bon.get("selected_minus_first"), bon.get("selected_minus_first_ci"), "+")
+        within = fmt_ci(row["within_prompt_auroc"], row["within_prompt_auroc_ci"])
+        gain = fmt_ci(bon.get("selected_minus_first"), bon.get("selected_minus_first_ci"), "+")
         budget_rows.append(
             (
                 "full" if key == "full" else f"{key} tok",
                 f"{row['n']} / {row['prompts']}",
-                _ci(row["auroc"], row["auroc_ci"]),
+                fmt_ci(row["auroc"], row["auroc_ci"]),
                 f"{within} ({row['within_prompt_prompts']})",
-                _f(row["brier"], 4),
-                f"{_f(bon.get('selected'))} ({gain})",
+                fmt(row["brier"], 4),
+                f"{fmt(bon.get('selected'))} ({gain})",
             )
         )
     header = ("budget", "n / prompts", "AUROC", "within-prompt AUROC (prompts)", "Brier", "pick (- first)")
@@ -408,23 +408,23 @@ def format_oof_table(report: dict[str, Any]) -> str:
         choice_rows = [
             (
                 f"{k} argmax",
-                _f(bon["selected"]),
-                _ci(bon["selected_minus_first"], bon["selected_minus_first_ci"], "+"),
-                _ci(bon["selected_minus_majority"], bon["selected_minus_majority_ci"], "+"),
+                fmt(bon["selected"]),
+                fmt_ci(bon["selected_minus_first"], bon["selected_minus_first_ci"], "+"),
+                fmt_ci(bon["selected_minus_majority"], bon["selected_minus_majority_ci"], "+"),
             ),
-            ("first sample", _f(bon["first_sample"]), "", ""),
-            ("majority vote", _f(bon["majority"]), "", ""),
-            ("mean sample", _f(bon["mean_sample"]), "", ""),
-            ("oracle", _f(bon["oracle"]), "", ""),
+            ("first sample", fmt(bon["first_sample"]), "", ""),
+            ("majority vote", fmt(bon["majority"]), "", ""),
+            ("mean sample", fmt(bon["mean_sample"]), "", ""),
+            ("oracle", fmt(bon["oracle"]), "", ""),
         ]
         if vote_:
             choice_rows.insert(
                 1,
                 (
                     f"weighted vote ({vote_['weighting']}: {', '.join(vote_['chosen_per_fold'])})",
-                    _f(vote_["reward"]),
-                    _ci(vote_["minus_first"], vote_["minus_first_ci"], "+"),
-                    _ci(vote_["minus_majority"], vote_["minus_majority_ci"], "+"),
+                    fmt(vote_["reward"]),
+                    fmt_ci(vote_["minus_first"], vote_["minus_first_ci"], "+"),
+                    fmt_ci(vote_["minus_majority"], vote_["minus_majority_ci"], "+"),
                 ),
             )
         lines += [
@@ -437,11 +437,11 @@ def format_oof_table(report: dict[str, Any]) -> str:
                 f"{r['threshold']:g}",
                 f"{r['samples']:.2f}",
                 f"{r['tokens']:.0f}",
-                _f(r["reward"]),
-                _ci(r["minus_first"], r["minus_first_ci"], "+"),
-                _ci(r["minus_selected"], r["minus_selected_ci"], "+"),
-                _f(r["vote_reward"]),
-                _ci(r["vote_minus_majority"], r["vote_minus_majority_ci"], "+"),
+                fmt(r["reward"]),
+                fmt_ci(r["minus_first"], r["minus_first_ci"], "+"),
+                fmt_ci(r["minus_selected"], r["minus_selected_ci"], "+"),
+                fmt(r["vote_reward"]),
+                fmt_ci(r["vote_minus_majority"], r["vote_minus_majority_ci"], "+"),
             )
             for r in report["adaptive"]
         ]
