@@ -48,9 +48,9 @@ cv() {  # cv NAME FLAGS...: out-of-fold top-k training
     timed "cv-$name" "${CLI[@]}" top --cache "$CACHE" --out "$RUN/cv" --name "$name" --cv "$FOLDS" \
         --epochs "$EPOCHS" "$@"
 }
-stage_cv() {
-    cv k1-soft --k 1 --soft-labels
+stage_cv() {  # the hard label first: the session-6 fit check ranked better with it
     cv k1-hard --k 1 --hard-labels
+    cv k1-soft --k 1 --soft-labels
 }
 stage_final() {  # FINAL_FLAGS: the setting the cross-validation chose
     [[ -f $RUN/adapter/adapter_model.safetensors ]] && return
