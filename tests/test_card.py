@@ -25,6 +25,11 @@ def test_an_adapter_becomes_the_default_only_above_its_interval_and_without_drif
     assert not ok and "agree" in why
     assert not becomes_default(_cv(0.08, 0.02, 0.14), None)[0]
     assert not becomes_default(_cv(0.0, 0.0, 0.1), 1.0)[0]  # a lower end of exactly 0 is not above it
+    trained, untrained = _cv(0.08, 0.02, 0.14), _cv(0.1, 0.05, 0.15)
+    trained["report"]["best_of_n"]["selected"], untrained["report"]["best_of_n"]["selected"] = 0.26, 0.28
+    ok, why = becomes_default(trained, 0.99, untrained)
+    assert not ok and "below the untrained model's 0.280" in why
+    assert becomes_default(untrained, 0.99, trained)[0]
 
 
 def test_greedy_comparison_counts_the_shared_questions(tmp_path):
