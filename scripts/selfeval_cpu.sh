@@ -3,7 +3,7 @@
 # Every stage resumes: rerun the script after an interrupt and finished stages are skipped (the cache
 # resumes per prompt). Stages: data (relabel the shared H200 samples), cache (state entering block L-4),
 # derive (state entering block L-1), probe (the probe curve), cv-* (out-of-fold top-k training), final
-# (train on all prompts, export the adapter).
+# (train on all prompts, export the adapter); curve (the learning curve), k2 (two blocks).
 #
 #   bash scripts/selfeval_cpu.sh [STAGE ...]     (default: all, in order)
 #
@@ -52,12 +52,20 @@ stage_cv() {  # the hard label first: the session-6 fit check ranked better with
     cv k1-hard --k 1 --hard-labels
     cv k1-soft --k 1 --soft-labels
 }
-stage_final() {  # FINAL_FLAGS: the setting the cross-validation chose
+stage_curve() {  # the learning curve: each fold trains on the first N of its training prompts
+    for n in 50 100 200; do cv "k1-hard-p$n" --k 1 --hard-labels --train-prompts "$n"; done
+}
+stage_k2() {  # two blocks cost ~7x one per step here, so k 2 is compared with k 1 at 100 training prompts
+    [[ -n $(find "$CACHE/prompts" -name '*.k2.safetensors' -print -quit) ]] ||
+        timed derive2 "${CLI[@]}" cache --data "$RUN/data" --out "$CACHE" --derive 2
+    cv k2-hard-p100 --k 2 --hard-labels --train-prompts 100
+}
+stage_final() {  # FINAL_FLAGS: the setting the cross-validation chose (best out-of-fold Best-of-8 of the trained)
     [[ -f $RUN/adapter/adapter_model.safetensors ]] && return
     # shellcheck disable=SC2086
-    timed final "${CLI[@]}" top --cache "$CACHE" --out "$RUN/adapter" --cv 0 --epochs "$EPOCHS" ${FINAL_FLAGS:---k 1 --hard-labels}
+    timed final "${CLI[@]}" top --cache "$CACHE" --out "$RUN/adapter" --cv 0 ${FINAL_FLAGS:---k 1 --hard-labels --lr 1e-3 --epochs 3}
 }
 
 stages=("$@")
-[[ ${#stages[@]} -eq 0 ]] && stages=(data cache derive probe cv final)
+[[ ${#stages[@]} -eq 0 ]] && stages=(data cache derive probe cv curve k2 final)
 for s in "${stages[@]}"; do "stage_$s"; done

@@ -113,6 +113,13 @@ def ensure_selfeval_model(
     adapter = adapter or shipped_adapter()
     if adapter is None:
         return base
+    return cached_merge(base, adapter, cache_dir, console)
+
+
+def cached_merge(
+    base: Path, adapter: Path, cache_dir: Path | None = None, console: Console | None = None
+) -> Path:
+    """``base`` + ``adapter`` merged once into ``<cache>/models/<base>-selfeval-<adapter sha256[:16]>``."""
     console = console or _default_console()
     sha = _sha256_file(adapter / "adapter_model.safetensors")
     out = (cache_dir or cache_root()) / "models" / f"{base.name}-selfeval-{sha[:16]}"

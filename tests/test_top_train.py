@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -151,7 +152,9 @@ def _cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def test_cli_cross_validates_probes_and_exports(four_layer_model, cache_dir, tmp_path):
+def test_cli_cross_validates_probes_exports_and_writes_the_card(
+    four_layer_model, cache_dir, tmp_path, monkeypatch
+):
     out = tmp_path / "cv"
     res = _cli(
         "finetune",
@@ -212,6 +215,45 @@ def test_cli_cross_validates_probes_and_exports(four_layer_model, cache_dir, tmp
     assert (adapter / "adapter_model.safetensors").is_file()
     card = json.loads((adapter / "training.json").read_text())
     assert card["prompts"] == 2 and card["settings"]["k"] == 1
+
+    monkeypatch.setenv("SGLADAPTIVE_CACHE", str(tmp_path / "store"))  # merges go there
+    # the card refuses a report of other settings (this export used 4 prompts per step, the report 1)
+    card_args = ["finetune", "card", "--adapter", adapter, "--model", four_layer_model, "--dtype", "float32"]
+    res = _cli(*card_args, "--report", out / "k1.json")
+    assert res.exit_code == 2 and "cross-validated other settings" in res.output
+    res = _cli(
+        "finetune",
+        "top",
+        "--cache",
+        cache_dir,
+        "--model",
+        four_layer_model,
+        "--out",
+        adapter,
+        "--cv",
+        0,
+        "--epochs",
+        1,
+        "--prompts-per-step",
+        1,
+        "--dtype",
+        "float32",
+    )
+    assert res.exit_code == 0, res.output
+    times = tmp_path / "times.tsv"
+    times.write_text("cache\t60.5\t1024\nfinal\t30\t2048\n")
+    res = _cli(*card_args, "--report", out / "k1.json", "--times", times, "--command", "finetune top --cv 0")
+    assert res.exit_code == 0, res.output
+    assert "default model: no (out-of-fold Best-of-3 minus first sample" in res.output
+    readme = (adapter / "README.md").read_text()
+    assert "| final | 0.5 min | 2.0 GiB |" in readme and "    finetune top --cv 0" in readme
+    assert (
+        "Best-of-" in readme
+        and json.loads((adapter / "card.json").read_text())["decision"]["default"] is False
+    )
+    merged = _cli("finetune", "merge", "--adapter", adapter, "--model", four_layer_model)
+    assert merged.exit_code == 0, merged.output
+    assert (Path(merged.stdout.strip().splitlines()[-1]) / "config.json").is_file()
 
 
 def test_cli_refuses_a_cache_of_another_model(tiny_model_dir, cache_dir, tmp_path):

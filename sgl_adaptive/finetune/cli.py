@@ -1,4 +1,4 @@
-"""``sgl-adaptive finetune data|train|eval``."""
+"""``sgl-adaptive finetune data|train|cache|probe|top|merge|card|eval``."""
 
 from __future__ import annotations
 
@@ -545,6 +545,70 @@ def top_command(
         }
         export_adapter(stack, out, card)
         log(f"{run['steps']} steps on {len(prompts)} prompts in {run['train_s']:.0f} s -> {out}")
+
+
+@app.command("merge")
+def merge_command(
+    adapter: Annotated[Path, typer.Option(help="Adapter folder (`finetune top --cv 0`).")],
+    model: Annotated[str | None, typer.Option(help="Base model (default: embedded 0.5B).")] = None,
+) -> None:
+    """Merge an adapter into its base once (cached beside the models) and print the merged folder, which an
+    unmodified SGLang server loads."""
+    from sgl_adaptive.model_store import cached_merge, resolve_model
+
+    with _errors():
+        if not (adapter / "adapter_config.json").is_file():
+            raise UserError(f"{adapter} is not an adapter folder (no adapter_config.json)")
+        print(cached_merge(Path(resolve_model(model, console=err, base=True)), adapter, console=err))
+
+
+@app.command("card")
+def card_command(
+    adapter: Annotated[Path, typer.Option(help="Adapter folder (`finetune top --cv 0`).")],
+    report: Annotated[
+        Path,
+        typer.Option(help="The cross-validation report of its setting (`finetune top --cv N`, NAME.json)."),
+    ],
+    greedy_base: Annotated[
+        Path | None,
+        typer.Option(
+            help="`bench --dataset gsm8k-dev --methods greedy` run of the base (drift, greedy before)."
+        ),
+    ] = None,
+    greedy_trained: Annotated[
+        Path | None, typer.Option(help="The same run with the merged model (greedy after).")
+    ] = None,
+    times: Annotated[Path | None, typer.Option(help="times.tsv of scripts/selfeval_cpu.sh.")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model (default: embedded 0.5B).")] = None,
+    command: Annotated[
+        list[str] | None, typer.Option(help="A command that made it, for the card (repeatable).")
+    ] = None,
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Write the adapter's model card (README.md, card.json) and say whether it becomes the default model."""
+    from sgl_adaptive.finetune.experiments import write_card
+    from sgl_adaptive.model_store import cached_merge, resolve_model
+
+    with _errors():
+        for path in (adapter / "training.json", report):
+            if not path.is_file():
+                raise UserError(f"{path} not found")
+        base = Path(resolve_model(model, console=err, base=True))
+        default, why = write_card(
+            adapter,
+            report,
+            merged=str(cached_merge(base, adapter, console=err)),
+            base_path=str(base),
+            greedy_base=greedy_base,
+            greedy_trained=greedy_trained,
+            times=times,
+            commands=command or [],
+            dtype=_torch_dtype(dtype, "cpu"),
+            log=lambda m: err.print(m, highlight=False, soft_wrap=True),
+        )
+        err.print(
+            f"{adapter}/README.md: default model: {'yes' if default else 'no'} ({why})", highlight=False
+        )
 
 
 @app.command("eval")

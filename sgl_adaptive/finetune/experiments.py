@@ -229,19 +229,23 @@ def top_cv(
     return report
 
 
+def greedy_results(folder: Path) -> dict[str, dict[str, Any]]:
+    """The finished greedy results of a ``bench --methods greedy`` run, by question id."""
+    from sgl_adaptive.data import read_jsonl
+
+    if not (folder / "results.jsonl").is_file():
+        raise UserError(f"{folder} holds no bench results (results.jsonl)")
+    return {
+        r["qid"]: r
+        for r in read_jsonl(folder / "results.jsonl")
+        if r.get("kind") == "result" and r.get("method") == "greedy"
+    }
+
+
 def greedy_comparison(base_dir: Path, trained_dir: Path) -> dict[str, Any]:
     """Greedy answers of two ``bench --methods greedy`` runs on the same questions: accuracy of each and
     how often their final answers agree (over the questions both runs finished)."""
-    from sgl_adaptive.data import read_jsonl
-
-    def greedy(folder: Path) -> dict[str, dict[str, Any]]:
-        return {
-            r["qid"]: r
-            for r in read_jsonl(folder / "results.jsonl")
-            if r.get("kind") == "result" and r.get("method") == "greedy"
-        }
-
-    base, trained = greedy(base_dir), greedy(trained_dir)
+    base, trained = greedy_results(base_dir), greedy_results(trained_dir)
     common = sorted(set(base) & set(trained))
     if not common:
         raise UserError(f"{base_dir} and {trained_dir} share no finished greedy question")
@@ -254,17 +258,108 @@ def greedy_comparison(base_dir: Path, trained_dir: Path) -> dict[str, Any]:
     }
 
 
-def drift_report(base_path: str, model_path: str, data_dir: Path, limit: int = 32, dtype: Any = None) -> dict:
+def dev_drift_examples(greedy_dir: Path, data_root: str | None = None) -> list[dict[str, Any]]:
+    """The base model's greedy GSM8K dev responses (a ``bench --dataset gsm8k-dev --methods greedy`` run)
+    as drift examples: on-policy for the base, on questions that no training run sees."""
+    from sgl_adaptive.bench.datasets import load_dataset_items
+
+    items = {it.qid: it for it in load_dataset_items("gsm8k-dev", data_root=data_root).items}
+    runs = greedy_results(greedy_dir)
+    missing = sorted(set(runs) - set(items))
+    if missing:
+        raise UserError(f"{greedy_dir} has questions outside the GSM8K dev split (e.g. {missing[0]})")
+    return [
+        {
+            "prompt_id": qid,
+            "sample": 0,
+            "truncated_tokens": None,
+            "prompt": items[qid].prompt,
+            "response": r["response"],
+        }
+        for qid, r in sorted(runs.items(), key=lambda kv: kv[1]["index"])
+    ]
+
+
+def drift_report(
+    base_path: str,
+    model_path: str,
+    examples: Sequence[dict[str, Any]],
+    where: str,
+    limit: int = 32,
+    dtype: Any = None,
+) -> dict[str, Any]:
     """``evaluate.drift`` (KL(base ‖ model) per response token, greedy next-token agreement) on the first
-    ``limit`` held-out full responses of a ``finetune data`` folder."""
-    from sgl_adaptive.data import read_jsonl
+    ``limit`` full responses of ``examples``."""
     from sgl_adaptive.finetune.evaluate import drift
     from sgl_adaptive.finetune.scoring import SelfEvalEncoder, load_causal_lm
 
-    examples = list(read_jsonl(data_dir / "heldout.jsonl"))
     base, tokenizer = load_causal_lm(base_path, device="cpu", dtype=dtype)
     model, _ = load_causal_lm(model_path, device="cpu", dtype=dtype)
-    return {
-        **drift(base, model, SelfEvalEncoder(tokenizer), examples, limit=limit),
-        "where": f"{data_dir}/heldout.jsonl",
+    return {**drift(base, model, SelfEvalEncoder(tokenizer), examples, limit=limit), "where": where}
+
+
+def read_times(path: Path) -> list[tuple[str, float, int]]:
+    """``times.tsv`` (stage, wall seconds, peak RSS MiB) as ``scripts/selfeval_cpu.sh`` writes it."""
+    rows = []
+    for line in path.read_text().splitlines():
+        name, wall, rss = line.split("\t")
+        rows.append((name, float(wall), int(rss)))
+    return rows
+
+
+def write_card(
+    adapter: Path,
+    report_path: Path,
+    *,
+    merged: str,
+    base_path: str,
+    greedy_base: Path | None = None,
+    greedy_trained: Path | None = None,
+    times: Path | None = None,
+    commands: Sequence[str] = (),
+    data_root: str | None = None,
+    dtype: Any = None,
+    log: Callable[[str], None] = print,
+) -> tuple[bool, str]:
+    """The adapter's model card (``README.md``) and its figures (``card.json``): the cross-validation
+    report of its setting (``NAME.json``, with ``NAME.untrained.json`` beside it), drift on the base's
+    greedy dev responses, greedy accuracy before and after, the stage times, and the default-model
+    decision (``card.becomes_default``), which is returned."""
+    from sgl_adaptive.finetune.card import becomes_default, model_card
+
+    training = json.loads((adapter / "training.json").read_text())
+    trained = json.loads(report_path.read_text())
+    untrained_path = report_path.with_name(report_path.name.removesuffix(".json") + ".untrained.json")
+    untrained = json.loads(untrained_path.read_text())
+    if trained["settings"] != training["settings"]:
+        raise UserError(f"{report_path} cross-validated other settings than the adapter in {adapter}")
+    drift = greedy = None
+    if greedy_base is not None:
+        log("drift on the base model's greedy GSM8K dev responses …")
+        examples = dev_drift_examples(greedy_base, data_root)
+        drift = drift_report(
+            base_path, merged, examples, f"{greedy_base} (base greedy, GSM8K dev)", dtype=dtype
+        )
+    if greedy_base is not None and greedy_trained is not None:
+        greedy = greedy_comparison(greedy_base, greedy_trained)
+    decision = becomes_default(trained, greedy["agreement"] if greedy else None, untrained)
+    text = model_card(
+        training=training,
+        trained=trained,
+        untrained=untrained,
+        decision=decision,
+        drift=drift,
+        greedy=greedy,
+        times=read_times(times) if times else [],
+        commands=list(commands),
+    )
+    (adapter / "README.md").write_text(text)
+    figures = {
+        "decision": {"default": decision[0], "why": decision[1]},
+        "drift": drift,
+        "greedy": greedy,
+        "report": str(report_path),
+        "summary": trained["report"]["summary"],
     }
+    (adapter / "card.json").write_text(json.dumps(_json_safe(figures), indent=1) + "\n")
+    return decision
