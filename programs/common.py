@@ -17,6 +17,7 @@ import sglang as sgl
 
 from sgl_adaptive.answers import extract_number
 from sgl_adaptive.config import MethodConfig
+from sgl_adaptive.conversation import Prompt, as_conversation
 from sgl_adaptive.costs import CostMeter
 from sgl_adaptive.errors import ProgramError, UserError
 from sgl_adaptive.result import Candidate
@@ -50,8 +51,8 @@ class ProgramRun:
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
         self.meter = CostMeter()
-        self.prompt = ""
-        """The user prompt (``open_prompt``): what a reward model reads before each response."""
+        self.prompt: Prompt = ""
+        """The prompt or conversation (``open_prompt``): what a reward model reads before each response."""
         self._groups: list[Any] = []
 
     def fork(self, state: Any, n: int) -> Any:
@@ -91,6 +92,9 @@ class Sample:
     """Per generated token, its top-k log-probability entries (training-free scorers only)."""
     free_scores: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     """Training-free scores recorded beside ``scores`` (the bench's pool: ``sample_pool(free_scorers=…)``)."""
+    token_logprobs: list[Any] = field(default_factory=list)
+    """Per generated token ``(logprob, token_id, text)``, when asked for (``MethodConfig.logprobs``)."""
+    stop_sequences: tuple[str, ...] = ()
 
     @property
     def done(self) -> bool:
@@ -109,6 +113,10 @@ class Sample:
         logprobs: dict[str, Any] = {}
         if scorer.training_free or with_logprobs:
             logprobs = dict(return_logprob=True, top_logprobs_num=scorer.top_k, return_text_in_logprobs=False)
+        if config.logprobs is not None:  # the client's: with each token's text
+            top = max(config.logprobs, logprobs.get("top_logprobs_num", 0))
+            logprobs = dict(return_logprob=True, top_logprobs_num=top, return_text_in_logprobs=True)
+        stops = {"stop": list(config.stop_sequences)} if config.stop_sequences else {}
         self.state += sgl.gen(
             f"part{self.parts}",
             max_tokens=max_tokens,
@@ -116,7 +124,9 @@ class Sample:
             top_p=config.top_p,
             **NEUTRAL_SAMPLING,
             **logprobs,
+            **stops,
         )
+        self.stop_sequences = config.stop_sequences
         self.parts += 1
 
     def collect(self, meter: CostMeter, budget: int) -> int:
@@ -128,12 +138,18 @@ class Sample:
         new = int(meta.get("completion_tokens", 0))
         self.tokens += new
         self.top_logprobs += meta.get("output_top_logprobs") or []
+        self.token_logprobs += meta.get("output_token_logprobs") or []
         self.finished = meta.get("finish_reason", {}).get("type") != "length"
+        if not self.finished and self.parts > 1 and _stop_at(self.text(), self.stop_sequences) is not None:
+            self.finished = True  # a stop sequence across the pause of a pruned sample: it ends here too
         self.exhausted = not self.finished and self.tokens >= budget
         return new
 
     def text(self) -> str:
-        return "".join(self.state[f"part{i}"] for i in range(self.parts))
+        """The response so far, cut at a stop sequence (one the backend could not see: across two parts)."""
+        text = "".join(self.state[f"part{i}"] for i in range(self.parts))
+        cut = _stop_at(text, self.stop_sequences)
+        return text if cut is None else text[:cut]
 
     def to_candidate(self) -> Candidate:
         return Candidate(
@@ -146,7 +162,28 @@ class Sample:
             pruned=self.pruned,
             scores=list(self.scores),
             free_scores={name: list(values) for name, values in self.free_scores.items()},
+            logprobs=self.token_logprobs_of_text() if self.token_logprobs else None,
         )
+
+    def token_logprobs_of_text(self) -> list[dict[str, Any]]:
+        """The tokens that make up ``text()`` (not the end-of-turn token, nor a cut stop sequence), each as
+        ``{"token", "logprob", "top_logprobs": [{"token", "logprob"}, ...]}``."""
+        length, covered, out = len(self.text()), 0, []
+        tops = self.top_logprobs if len(self.top_logprobs) == len(self.token_logprobs) else []
+        for i, (logprob, _, piece) in enumerate(self.token_logprobs):
+            if covered >= length:
+                break
+            piece = piece or ""
+            covered += len(piece)
+            alternatives = [{"token": t or "", "logprob": lp} for lp, _, t in (tops[i] if tops else [])]
+            out.append({"token": piece, "logprob": logprob, "top_logprobs": alternatives})
+        return out
+
+
+def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the earliest stop sequence in ``text`` starts (None: none there)."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
 
 
 def raise_fork_error(state: Any, what: str) -> None:
@@ -162,14 +199,20 @@ def raise_fork_error(state: Any, what: str) -> None:
 PROMPT_VAR = "prompt_prefill"
 
 
-def open_prompt(run: ProgramRun, s: Any, prompt: str) -> None:
-    """The user turn (the chat template's default system prompt is inserted by the interpreter), then
-    an explicit zero-token request that prefills it once and is metered as the prompt's cost.
+ROLE_TURNS = {"system": sgl.system, "user": sgl.user, "assistant": sgl.assistant}
+
+
+def open_prompt(run: ProgramRun, s: Any, prompt: Prompt) -> None:
+    """The conversation's turns, each rendered by the chat template (a plain prompt is one user turn; the
+    template's default system prompt is inserted by the interpreter unless the conversation opens with a
+    system message), then an explicit zero-token request that prefills it once and is metered as the
+    prompt's cost. Every sample and evaluation extends this text, so the whole conversation is shared.
 
     (``fork(n)`` would cache the prompt anyway, through ``commit_lazy_operations``, but that request
     bypasses the programs and so the cost meter; after this one it is a full cache hit.)"""
     run.prompt = prompt
-    s += sgl.user(prompt)
+    for message in as_conversation(prompt):
+        s += ROLE_TURNS[message.role](message.content)
     s += sgl.gen(PROMPT_VAR, max_tokens=0, temperature=0.0, top_p=1.0, **NEUTRAL_SAMPLING)
     meta = s.get_meta_info(PROMPT_VAR)
     if meta is None:

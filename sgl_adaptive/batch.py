@@ -18,6 +18,7 @@ prompt can get no more samples; a rerun skips the ids already there and spends w
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from typing import Any
 
 from sgl_adaptive.answers import check_math, extract_number, gsm8k_reference, numbers_equal
 from sgl_adaptive.config import MethodConfig
+from sgl_adaptive.conversation import Conversation, Prompt, check_messages, last_user_text
 from sgl_adaptive.data import read_jsonl
 from sgl_adaptive.errors import UserError
 from sgl_adaptive.finetune.prompts import PromptItem, to_item
@@ -149,14 +151,28 @@ def is_correct(item: PromptItem, text: str) -> bool:
     return numbers_equal(extract_number(text), item.reference)
 
 
-def load_batch(path: str | Path) -> list[PromptItem]:
+@dataclass(frozen=True)
+class BatchItem(PromptItem):
+    """A prompt of the batch; a ``messages`` line keeps its conversation (``prompt`` is its last user turn)."""
+
+    messages: Conversation | None = None
+
+    @property
+    def question(self) -> Prompt:
+        """What the method answers: the conversation, else the prompt."""
+        return self.messages if self.messages is not None else self.prompt
+
+
+def load_batch(path: str | Path) -> list[BatchItem]:
     """The prompts of a JSON Lines file: ``{"id": ..., "prompt": ...}`` (or ``question``, ``problem``,
-    ... as ``finetune.prompts.to_item`` reads them); a ``reference`` field, or a GSM8K-style ``answer``,
-    is graded. A missing file, a malformed line, a record without a prompt or a repeated id is an error."""
-    items: list[PromptItem] = []
+    ... as ``finetune.prompts.to_item`` reads them), or ``{"id": ..., "messages": [...]}`` with OpenAI-style
+    messages (a system message first, earlier turns, a user turn last); a ``reference`` field, or a
+    GSM8K-style ``answer``, is graded. A missing file, a malformed line, a record without a prompt, messages
+    the programs cannot render or a repeated id is an error."""
+    items: list[BatchItem] = []
     for number, record in enumerate(read_jsonl(path), start=1):
         try:
-            item = to_item(record)
+            item = _batch_item(record)
         except UserError as exc:
             raise UserError(f"{path}: record {number}: {exc}") from None
         if not item.prompt.strip():
@@ -170,6 +186,16 @@ def load_batch(path: str | Path) -> list[PromptItem]:
             raise UserError(f"{path}: the id {item.id!r} appears twice (ids name the output lines)")
         seen.add(item.id)
     return items
+
+
+def _batch_item(record: dict[str, Any]) -> BatchItem:
+    if "messages" not in record:
+        return BatchItem(**dataclasses.asdict(to_item(record)))
+    messages = check_messages(record["messages"])
+    rid = record.get("id")
+    key = json.dumps([m.to_dict() for m in messages], ensure_ascii=False)
+    ident = str(rid) if rid is not None else "m-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    return BatchItem(ident, last_user_text(messages), messages=messages)
 
 
 def _reference(item: PromptItem, record: dict[str, Any]) -> str | None:
@@ -284,7 +310,8 @@ def run_batch(
 
 def _draw(state: PromptSamples, backend: Any, settings: BatchSettings, max_tokens: int) -> None:
     """One more sample of the prompt (scored when the settings read scores); the stop rule is checked."""
-    from sgl_adaptive.runner import run
+    from sgl_adaptive.programs import PROGRAMS
+    from sgl_adaptive.runner import run_program
 
     config = settings.config
     anneal = Annealing(config.temperature, config.anneal if settings.method == "adaptive" else "none")
@@ -296,7 +323,8 @@ def _draw(state: PromptSamples, backend: Any, settings: BatchSettings, max_token
         selector="argmax" if settings.scored else "majority",
         seed=None,  # reseeded once per batch, not per draw (that would repeat the first sample)
     )
-    result = run(state.item.prompt, backend, "best-of-n", draw_config)
+    # run_program, not run: the first annealed draw is at temperature 0 and is still scored
+    result = run_program(PROGRAMS["best-of-n"], _question(state.item), backend, draw_config, name="best-of-n")
     candidate = result.candidates[0]
     state.texts.append(candidate.text)
     state.scores.append(candidate.score)
@@ -307,6 +335,10 @@ def _draw(state: PromptSamples, backend: Any, settings: BatchSettings, max_token
     if settings.method == "adaptive":
         indices = list(range(len(state.texts)))
         state.stopped = config.stop_rule().should_stop(indices, state.scores, state.answers)
+
+
+def _question(item: PromptItem) -> Prompt:
+    return item.question if isinstance(item, BatchItem) else item.prompt
 
 
 def run_batch_file(

@@ -21,6 +21,7 @@ from sgl_adaptive.cli_options import (
     ScorerOption,
     SeedOption,
     SelectorOption,
+    StopSequenceOption,
     TopPOption,
     VoteTemperatureOption,
     method_config,
@@ -85,8 +86,10 @@ def run_command(
     ] = 128,
     keep: Annotated[int, typer.Option(help="Samples continued after the pruning point (at most --n).")] = 4,
     max_new_tokens: MaxNewTokensOption = 512,
+    stop_sequences: StopSequenceOption = None,
     temperature: Annotated[
-        float, typer.Option(help="Sampling temperature (annealed by adaptive methods).")
+        float,
+        typer.Option(help="Sampling temperature (annealed by adaptive methods; 0: one greedy sample)."),
     ] = 0.7,
     top_p: TopPOption = 1.0,
     anneal: Annotated[str, typer.Option(help="Temperature annealing: paper or none.")] = "paper",
@@ -202,8 +205,8 @@ def batch_command(
     prompts_file: Annotated[
         str,
         typer.Argument(
-            help='JSON Lines, one {"id": ..., "prompt": ...} (or "question") per line; a "reference" or '
-            'GSM8K "answer" field is graded.',
+            help='JSON Lines, one {"id": ..., "prompt": ...} (or "question", or "messages": a chat) per '
+            'line; a "reference" or GSM8K "answer" field is graded.',
             metavar="PROMPTS.jsonl",
             show_default=False,
         ),
@@ -227,6 +230,7 @@ def batch_command(
     n: Annotated[int, typer.Option(help="The most samples one prompt may get.")] = 16,
     concurrency: Annotated[int, typer.Option(help="Prompts sampled at once in a round.")] = 8,
     max_new_tokens: MaxNewTokensOption = 512,
+    stop_sequences: StopSequenceOption = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
     top_p: TopPOption = 1.0,
     anneal: Annotated[str, typer.Option(help="adaptive: temperature annealing, paper or none.")] = "paper",

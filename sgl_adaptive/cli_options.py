@@ -53,6 +53,17 @@ VoteTemperatureOption = Annotated[
     float, typer.Option(help="weighted-majority: softmax temperature of the scores.")
 ]
 
+StopSequenceOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--stop-sequence",
+        help="End each sample at this text, cut with what follows, before it is scored (repeat: up to 4). "
+        "Not --stop, which names the adaptive stopping rule.",
+        metavar="TEXT",
+        show_default=False,
+    ),
+]
+
 _FIELDS = frozenset(f.name for f in dataclasses.fields(MethodConfig))
 
 

@@ -42,6 +42,9 @@ METHOD_OPTIONS: dict[str, frozenset[str]] = {
 }
 """The method-specific knobs each method reads (all read ``max_new_tokens`` and ``seed``)."""
 KNOBS: frozenset[str] = frozenset().union(*METHOD_OPTIONS.values())
+MAX_STOP_SEQUENCES = 4
+"""As OpenAI's chat completions."""
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -93,9 +96,23 @@ class MethodConfig:
     stop_percentile: float = 90.0
     """deepconf: the threshold is this percentile (0..100) of the warm-up scores (90: DeepConf-low)."""
     seed: int | None = 0
+    stop_sequences: tuple[str, ...] = ()
+    """Stop sequences (OpenAI's ``stop``, at most 4): a sample ends at the first one it generates, which is
+    cut with what follows, before it is scored or voted on. Every method reads them."""
+    logprobs: int | None = None
+    """Keep each sample's token log-probabilities with this many (0-20) top alternatives (None: not kept)."""
     selfeval: SelfEvalConfig = field(default_factory=SelfEvalConfig)
 
     def __post_init__(self) -> None:
+        stops = self.stop_sequences
+        stops = (stops,) if isinstance(stops, str) else tuple(stops or ())
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise UserError(f"at most {MAX_STOP_SEQUENCES} stop sequences (got {len(stops)})")
+        if not all(isinstance(s, str) and s for s in stops):
+            raise UserError(f"a stop sequence must be a non-empty string (got {list(stops)!r})")
+        object.__setattr__(self, "stop_sequences", stops)
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise UserError(f"top_logprobs must be within [0, {MAX_TOP_LOGPROBS}] (got {self.logprobs})")
         if self.n < 1:
             raise UserError(f"--n must be at least 1 (got {self.n})")
         if not 0.0 <= self.threshold <= 1.0:
@@ -186,7 +203,8 @@ class MethodConfig:
             )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON values (the stop sequences as a list)."""
+        return {**asdict(self), "stop_sequences": list(self.stop_sequences)}
 
 
 RULE_OPTIONS: dict[str, tuple[str, str]] = {

@@ -6,10 +6,19 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from sgl_adaptive.config import KNOBS, METHOD_OPTIONS, METHODS, MethodConfig
+from sgl_adaptive.config import (
+    KNOBS,
+    MAX_STOP_SEQUENCES,
+    MAX_TOP_LOGPROBS,
+    METHOD_OPTIONS,
+    METHODS,
+    MethodConfig,
+)
+from sgl_adaptive.conversation import Conversation, MessageError, check_messages
 from sgl_adaptive.errors import UserError
 from sgl_adaptive.result import Result
 from sgl_adaptive.scorers import REWARD_MODEL
@@ -33,14 +42,39 @@ _KNOB_TYPES: dict[str, type] = {
 }
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1,),
-    "logprobs": (False,),
     "presence_penalty": (0, 0.0),
     "frequency_penalty": (0, 0.0),
     "parallel_tool_calls": (True, False),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "response_format": ({"type": "text"},),
 }
-"""Standard fields accepted only at values that change nothing; any other value is refused."""
+"""Standard fields accepted only at values that change nothing (what clients send by default); any other
+value is refused."""
 _IGNORED = {"user", "metadata", "store"}
 """Standard fields with no effect on the answer."""
+_FIELDS = {
+    "model",
+    "messages",
+    "method",
+    "stream",
+    "stream_options",
+    "return_candidates",
+    "max_completion_tokens",
+    "stop",
+    "logprobs",
+    "top_logprobs",
+}
+"""Fields read here besides the knobs (``KNOB_FIELDS``)."""
+_HINTS = {
+    "best_of": " (the sample budget is `samples`)",
+    "reward_model": " (a reward model is not chosen per request)",
+    "functions": " (no tools are served)",
+    "function_call": " (no tools are served)",
+}
+_GREEDY_NEUTRAL = {"temperature": 0.0, "top_p": 1.0}
+"""Sampling fields that method greedy accepts at the values it decodes with (and drops)."""
 _CLI_NAMES = {"--" + cfg.replace("_", "-"): api for api, cfg in KNOB_FIELDS.items()}
 
 
@@ -77,7 +111,7 @@ class ServerLimits:
 class ChatRequest:
     """A checked chat-completion request."""
 
-    prompt: str
+    prompt: Conversation
     method: str
     config: MethodConfig
     stream: bool = False
@@ -86,44 +120,102 @@ class ChatRequest:
     given: dict[str, Any] = field(default_factory=dict)
     """The knobs the client set, by request field name (for the log line)."""
 
+    @property
+    def greedy(self) -> bool:
+        """Nothing is sampled: method greedy, or temperature 0 (which ``runner.run`` answers greedily)."""
+        return self.method == "greedy" or self.config.temperature == 0
+
+    @property
+    def logprobs(self) -> bool:
+        return self.config.logprobs is not None
+
+
+class _Problems:
+    """The 400s of one request, in the order the checks run; raised together as one error."""
+
+    def __init__(self) -> None:
+        self.errors: list[ApiError] = []
+
+    def add(self, error: ApiError) -> None:
+        self.errors.append(error)
+
+    def check(self, step: Callable[[], Any]) -> Any:
+        """``step()``, or None with its ``ApiError`` recorded."""
+        try:
+            return step()
+        except ApiError as exc:
+            self.add(exc)
+            return None
+
+    def raise_any(self) -> None:
+        if not self.errors:
+            return
+        first = self.errors[0]
+        if len(self.errors) == 1:
+            raise first
+        message = "; ".join(f"{e.param}: {e.message}" if e.param else e.message for e in self.errors)
+        raise bad_request(
+            f"{len(self.errors)} problems: {message}", first.param, first.code or "invalid_value"
+        )
+
 
 def parse_chat_request(body: Any, limits: ServerLimits) -> ChatRequest:
-    """Check a ``/v1/chat/completions`` body; raise ``ApiError`` (400, or 404 for an unknown model)."""
+    """Check a ``/v1/chat/completions`` body; raise ``ApiError`` (400, or 404 for an unknown model). Every
+    400 of a request is reported in one error, in a fixed order: unknown fields (by name), fields outside
+    their neutral values, model, messages, method, the token budget, stop, logprobs, the knobs (by name),
+    the method's checks, streaming; ``param`` names the first."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object", code="invalid_json")
     body = {k: v for k, v in body.items() if v is not None}  # null is "not given"
-    known = {
-        "model",
-        "messages",
-        "method",
-        "stream",
-        "stream_options",
-        "return_candidates",
-        "max_completion_tokens",
-    }
-    for name in sorted(body.keys() - known - KNOB_FIELDS.keys() - _NEUTRAL.keys() - _IGNORED):
-        hint = {
-            "best_of": " (the sample budget is `samples`)",
-            "stop": " (stop sequences are not supported)",
-            "reward_model": " (a reward model is not chosen per request)",
-        }
-        hint = hint.get(name, "")
-        raise bad_request(f"unsupported field {name!r}{hint}", name, "unsupported_parameter")
+    problems = _Problems()
+    for name in sorted(body.keys() - _FIELDS - KNOB_FIELDS.keys() - _NEUTRAL.keys() - _IGNORED):
+        hint = _HINTS.get(name, "")
+        problems.add(bad_request(f"unsupported field {name!r}{hint}", name, "unsupported_parameter"))
     for name, allowed in _NEUTRAL.items():
-        if name in body and (
-            isinstance(body[name], bool) != isinstance(allowed[0], bool) or body[name] not in allowed
-        ):
+        if name in body and not any(_same(body[name], value) for value in allowed):
             hint = "; the sample budget is the `samples` field" if name == "n" else ""
-            raise bad_request(
-                f"{name}={body[name]!r} is not supported (accepted: {', '.join(map(repr, allowed))}){hint}",
-                name,
-                "unsupported_parameter",
-            )
+            accepted = ", ".join(map(repr, allowed))
+            message = f"{name}={body[name]!r} is not supported (accepted: {accepted}){hint}"
+            problems.add(bad_request(message, name, "unsupported_parameter"))
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise bad_request(
-            "`model` is required (a string; see GET /v1/models)", "model", "missing_required_parameter"
-        )
+        message = "`model` is required (a string; see GET /v1/models)"
+        problems.add(bad_request(message, "model", "missing_required_parameter"))
+    prompt = problems.check(lambda: _conversation(body.get("messages")))
+    method = body.get("method", limits.default_method)
+    if method not in METHODS:
+        problems.add(bad_request(f"unknown method {method!r}; choose one of {', '.join(METHODS)}", "method"))
+        method = None
+    if "max_completion_tokens" in body:
+        if "max_tokens" in body:
+            message = "give max_tokens or max_completion_tokens, not both"
+            problems.add(bad_request(message, "max_completion_tokens"))
+        else:
+            body["max_tokens"] = body.pop("max_completion_tokens")
+    stops = problems.check(lambda: _stop_sequences(body.get("stop")))
+    top_logprobs = problems.check(lambda: _logprobs(body))
+    if method == "greedy":
+        for name, value in _GREEDY_NEUTRAL.items():
+            if name in body and not isinstance(body[name], bool) and body[name] == value:
+                body.pop(name)
+    given = {}
+    for name in sorted(KNOB_FIELDS.keys() & body.keys()):
+        value = problems.check(lambda name=name: _typed(name, body[name]))
+        if value is not None:
+            given[name] = value
+    config = None
+    if method is not None and not problems.errors:
+        config = problems.check(lambda: _config(method, given, limits, stops or (), top_logprobs))
+    stream = problems.check(lambda: _flag(body, "stream"))
+    options = body.get("stream_options", {})
+    if not isinstance(options, dict) or options.keys() - {"include_usage"}:
+        problems.add(bad_request("stream_options may only hold include_usage", "stream_options"))
+        options = {}
+    elif options and not stream:
+        problems.add(bad_request("stream_options is only allowed with stream: true", "stream_options"))
+    include_usage = problems.check(lambda: _flag(options, "include_usage"))
+    return_candidates = problems.check(lambda: _flag(body, "return_candidates"))
+    problems.raise_any()
     if model != limits.model:
         raise ApiError(
             404,
@@ -132,15 +224,22 @@ def parse_chat_request(body: Any, limits: ServerLimits) -> ChatRequest:
             param="model",
             code="model_not_found",
         )
-    prompt = _prompt(body.get("messages"))
-    method = body.get("method", limits.default_method)
-    if method not in METHODS:
-        raise bad_request(f"unknown method {method!r}; choose one of {', '.join(METHODS)}", "method")
-    if "max_completion_tokens" in body:
-        if "max_tokens" in body:
-            raise bad_request("give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
-        body["max_tokens"] = body.pop("max_completion_tokens")
-    given = {name: _typed(name, body[name]) for name in KNOB_FIELDS if name in body}
+    assert config is not None and method is not None and prompt is not None
+    return ChatRequest(
+        prompt=prompt,
+        method=method,
+        config=config,
+        stream=bool(stream),
+        include_usage=bool(include_usage),
+        return_candidates=bool(return_candidates),
+        given=given,
+    )
+
+
+def _config(
+    method: str, given: dict[str, Any], limits: ServerLimits, stops: tuple[str, ...], logprobs: int | None
+) -> MethodConfig:
+    """The method's ``MethodConfig`` from the request's knobs, with the checks the command line makes."""
     _check_used(method, given)
     if given.get("scorer") == REWARD_MODEL:
         raise bad_request(
@@ -156,55 +255,56 @@ def parse_chat_request(body: Any, limits: ServerLimits) -> ChatRequest:
     knobs = {KNOB_FIELDS[name]: value for name, value in given.items()}
     knobs.setdefault("seed", None)  # no seed: no reseeding of a backend that other requests share
     try:
-        config = MethodConfig(**knobs)
+        config = MethodConfig(**knobs, stop_sequences=stops, logprobs=logprobs)
         config.check_for(method)
     except UserError as exc:
         raise _config_error(str(exc)) from None
-    stream = _flag(body, "stream")
-    options = body.get("stream_options", {})
-    if not isinstance(options, dict) or options.keys() - {"include_usage"}:
-        raise bad_request("stream_options may only hold include_usage", "stream_options")
-    if options and not stream:
-        raise bad_request("stream_options is only allowed with stream: true", "stream_options")
-    return ChatRequest(
-        prompt=prompt,
-        method=method,
-        config=config,
-        stream=stream,
-        include_usage=_flag(options, "include_usage"),
-        return_candidates=_flag(body, "return_candidates"),
-        given=given,
-    )
+    return config
 
 
-def _prompt(messages: Any) -> str:
-    """The text of the one user message. A system message, earlier turns and non-text parts are refused:
-    the programs render a single user turn (with the chat template's default system prompt)."""
+def _same(value: Any, allowed: Any) -> bool:
+    """``value == allowed`` without ``True == 1`` (a bool stands only for a bool)."""
+    return isinstance(value, bool) == isinstance(allowed, bool) and value == allowed
+
+
+def _conversation(messages: Any) -> Conversation:
+    """The checked turns (``conversation.check_messages``): a message the programs cannot render is a 400."""
     if not isinstance(messages, list) or not messages:
         raise bad_request("`messages` must be a non-empty list", "messages", "missing_required_parameter")
-    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
-    if roles != ["user"]:
+    try:
+        return check_messages(messages)
+    except MessageError as exc:
+        raise bad_request(str(exc), "messages", "unsupported_messages") from None
+
+
+def _stop_sequences(stop: Any) -> tuple[str, ...]:
+    """OpenAI's ``stop``: a string or a list of up to 4 non-empty strings (``[]``: none)."""
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise bad_request(
-            f"exactly one message with role 'user' is supported (got roles {roles}); system messages "
-            "and multi-turn conversations are not",
-            "messages",
-            "unsupported_messages",
+            f"stop must be a string or a list of strings (got {stop!r})", "stop", "invalid_type"
         )
-    content = messages[0].get("content")
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                raise bad_request("only text content parts are supported", "messages", "unsupported_messages")
-            parts.append(part["text"])
-        content = "".join(parts)
-    if not isinstance(content, str) or not content.strip():
-        raise bad_request("the user message is empty", "messages")
-    return content
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise bad_request(f"stop may hold at most {MAX_STOP_SEQUENCES} sequences (got {len(stops)})", "stop")
+    if not all(stops):
+        raise bad_request("a stop sequence must not be empty", "stop")
+    return tuple(stops)
+
+
+def _logprobs(body: dict) -> int | None:
+    """``logprobs: true`` asks for the chosen answer's token log-probabilities, with ``top_logprobs``
+    (0-20) alternatives each; returns that count, or None when not asked."""
+    wanted = _flag(body, "logprobs")
+    top = body.get("top_logprobs")
+    if top is None:
+        return 0 if wanted else None
+    if isinstance(top, bool) or not isinstance(top, int):
+        raise bad_request(f"top_logprobs must be an integer (got {top!r})", "top_logprobs", "invalid_type")
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"top_logprobs must be within [0, {MAX_TOP_LOGPROBS}] (got {top})", "top_logprobs")
+    if not wanted:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    return top
 
 
 def _typed(name: str, value: Any) -> Any:
@@ -281,17 +381,43 @@ class Completion:
             record["candidates"] = candidates
         return record
 
+    def logprobs(self) -> dict[str, Any] | None:
+        """OpenAI's ``choices[0].logprobs`` when asked for: the chosen sample's tokens (those of the answer
+        text, without the end-of-turn token or a cut stop sequence), each with its ``top_logprobs``
+        alternatives. They are the model's own distribution on the in-process backend; an SGLang server
+        reports them at the sampling temperature unless it runs with ``SGLANG_RETURN_ORIGINAL_LOGPROB=1``."""
+        if not self.request.logprobs:
+            return None
+        top = self.request.config.logprobs or 0
+        tokens = self.result.candidates[self.result.best].logprobs or []
+
+        def entry(token: str, logprob: float) -> dict[str, Any]:
+            return {"token": token, "logprob": max(logprob, -9999.0), "bytes": list(token.encode())}
+
+        content = [
+            {
+                **entry(t["token"], t["logprob"]),
+                "top_logprobs": [entry(a["token"], a["logprob"]) for a in t["top_logprobs"][:top]],
+            }
+            for t in tokens
+        ]
+        return {"content": content, "refusal": None}
+
     def body(self) -> dict[str, Any]:
         """The ``chat.completion`` object."""
         message = {"role": "assistant", "content": self.result.answer}
+        choice = {
+            "index": 0,
+            "message": message,
+            "finish_reason": self.finish_reason,
+            "logprobs": self.logprobs(),
+        }
         return {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [
-                {"index": 0, "message": message, "finish_reason": self.finish_reason, "logprobs": None}
-            ],
+            "choices": [choice],
             "usage": self.usage(),
             "sgl_adaptive": self.extension(),
         }
@@ -300,11 +426,14 @@ class Completion:
         """The ``chat.completion.chunk`` objects of the chosen answer: the role, the text, the finish reason
         (with the ``sgl_adaptive`` object), and the usage when ``stream_options.include_usage`` is set."""
 
-        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> dict[str, Any]:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        def chunk(
+            delta: dict, finish: str | None = None, logprobs: Any = None, **extra: Any
+        ) -> dict[str, Any]:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
             return {**self._chunk_head(), "choices": [choice], **extra}
 
-        out = [chunk({"role": "assistant", "content": ""}), chunk({"content": self.result.answer})]
+        out = [chunk({"role": "assistant", "content": ""})]
+        out.append(chunk({"content": self.result.answer}, logprobs=self.logprobs()))
         out.append(chunk({}, self.finish_reason, sgl_adaptive=self.extension()))
         if self.request.include_usage:
             out.append({**self._chunk_head(), "choices": [], "usage": self.usage()})

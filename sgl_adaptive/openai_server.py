@@ -336,9 +336,11 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.draining:
             raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
         request = parse_chat_request(body, self.server.limits)
-        if "seed" in request.given and not hasattr(self.server.backend, "reseed"):
+        if "seed" in request.given and not request.greedy and not hasattr(self.server.backend, "reseed"):
             raise bad_request(
-                "seed is honoured by the in-process backend only, not by an SGLang server", "seed"
+                "seed is honoured by the in-process backend only, not by an SGLang server (it is accepted "
+                "when nothing is sampled: method greedy or temperature 0)",
+                "seed",
             )
         self._detail = f" method={request.method} stream={str(request.stream).lower()}"
         deadline = time.monotonic() + self.server.options.request_timeout_s

@@ -25,6 +25,9 @@ class Candidate:
     """Every score of this sample as (tokens generated when evaluated, score)."""
     free_scores: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     """Training-free scores at the same points, by scorer name (only the bench's pools record them)."""
+    logprobs: list[dict[str, Any]] | None = None
+    """The tokens of ``text`` with their log-probabilities, when asked for (``MethodConfig.logprobs``): each
+    ``{"token", "logprob", "top_logprobs": [{"token", "logprob"}, ...]}``; not in ``to_dict``."""
 
     def to_dict(self) -> dict[str, Any]:
         """The candidate as plain JSON-ready values."""
@@ -54,6 +57,9 @@ class Result:
     best: int
     costs: Costs
     config: dict[str, Any] = field(default_factory=dict)
+    requested_method: str | None = None
+    """The method asked for, when another one answered: a sampling method at temperature 0 runs greedy
+    (``runner.run``)."""
 
     @property
     def answer(self) -> str:
@@ -89,6 +95,7 @@ class Result:
             "flops": c.flops,
             "wall_s": round(c.wall_s, 3),
             "config": self.config,
+            **({"requested_method": self.requested_method} if self.requested_method else {}),
         }
 
     def to_json(self) -> str:
@@ -102,8 +109,11 @@ class Result:
         flops = f"{c.flops:.3g}" if c.flops is not None else "n/a"
         score = f"{self.score:.3f}" if self.score is not None else "-"
         rm = f"reward model {c.rm_reads} reads ({c.rm_tokens} tok) | " if c.rm_reads else ""
+        method = self.method
+        if self.requested_method:
+            method += f" (temperature 0: greedy instead of {self.requested_method})"
         return (
-            f"{self.method}: score {score} | samples {c.samples} in {c.batches} batches | "
+            f"{method}: score {score} | samples {c.samples} in {c.batches} batches | "
             f"generated {c.generated_tokens} tok | prefill {c.prefill_tokens} new + {c.cached_tokens} cached | "
             f"self-evals {c.self_evals} ({per_eval} new tok each) | {rm}FLOPs {flops} | {c.wall_s:.1f} s"
         )

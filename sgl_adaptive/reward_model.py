@@ -22,6 +22,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from sgl_adaptive.conversation import Prompt, as_conversation
 from sgl_adaptive.costs import ModelShape, request_flops
 from sgl_adaptive.errors import UserError
 from sgl_adaptive.weights import check_finite
@@ -87,14 +88,18 @@ class RewardModel:
         self.batch_size, self.max_length = batch_size, max_length
         self._lock = threading.Lock()
 
-    def render(self, prompt: str, response: str) -> str:
-        """The text the reward model reads: its chat template when it has one."""
+    def render(self, prompt: Prompt, response: str) -> str:
+        """The text the reward model reads (the prompt or the whole conversation, then the response): its
+        chat template when it has one."""
+        turns = [m.to_dict() for m in as_conversation(prompt)]
         if getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            messages = [*turns, {"role": "assistant", "content": response}]
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return f"User: {prompt}\nAssistant: {response}"
+        return (
+            "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in turns) + f"Assistant: {response}"
+        )
 
-    def score(self, prompt: str, responses: Sequence[str]) -> RewardScores:
+    def score(self, prompt: Prompt, responses: Sequence[str]) -> RewardScores:
         """The reward of each response to ``prompt`` (finished or not), with what reading it cost."""
         import torch
 

@@ -12,11 +12,12 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from sgl_adaptive.config import MethodConfig
+from sgl_adaptive.conversation import Prompt, check_messages
 from sgl_adaptive.devices import check_device
 from sgl_adaptive.errors import ProgramError, UserError
 from sgl_adaptive.result import Result
@@ -29,32 +30,54 @@ warnings.filterwarnings("ignore", message=r"Error in stream_executor", category=
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 """The ``--dtype`` names of the in-process backend (``auto``: bf16 where it is fast, else fp32)."""
 
+GREEDY = "greedy"
+"""What a sampling method runs at temperature 0 (``run``)."""
 Progress = Callable[[str], None]
 """Receives one line per event of a run: a round starts, a sample stops, a score arrives."""
 
 
 def run(
-    prompt: str,
-    backend: Any,
+    prompt: Prompt | None = None,
+    backend: Any = None,
     method: str = "adaptive",
     config: MethodConfig | None = None,
     *,
+    messages: Sequence[Any] | None = None,
     progress: Progress | None = None,
     **overrides: Any,
 ) -> Result:
-    """Answer ``prompt`` with ``method`` on ``backend`` (a ``LocalBackend``, an ``SGLangEndpoint`` or
-    any SGLang frontend backend). ``overrides`` replace fields of ``config`` (e.g. ``n=8``);
-    ``progress`` (e.g. ``print``) gets a line per round, finished sample and score as they come."""
+    """Answer ``prompt`` (or the conversation ``messages``: OpenAI-style dicts, an optional system message
+    first and a user turn last) with ``method`` on ``backend`` (a ``LocalBackend``, an ``SGLangEndpoint`` or
+    any SGLang frontend backend). ``overrides`` replace fields of ``config`` (e.g. ``n=8``,
+    ``stop_sequences=["\n\n"]``); ``progress`` (e.g. ``print``) gets a line per round, finished sample and
+    score as they come.
+
+    Temperature 0 is greedy decoding: every sample of a sampling method would be the same, so the method is
+    answered by one greedy sample without evaluation, and the result says so (``requested_method``)."""
     from sgl_adaptive.programs import PROGRAMS
 
+    if backend is None:
+        raise TypeError("run() needs a backend")
     config = dataclasses.replace(config or MethodConfig(), **overrides)
     config.check_for(method)
-    return run_program(PROGRAMS[method], prompt, backend, config, name=method, progress=progress)
+    if messages is not None:
+        if prompt is not None:
+            raise UserError("give either a prompt or messages, not both")
+        chat: Prompt = check_messages(messages)
+    elif prompt is None:
+        raise UserError("no prompt: give a prompt or messages")
+    else:
+        chat = prompt
+    name = GREEDY if config.temperature == 0 else method
+    result = run_program(PROGRAMS[name], chat, backend, config, name=name, progress=progress)
+    if name != method:
+        result.requested_method = method
+    return result
 
 
 def run_program(
     program: Any,
-    prompt: str,
+    prompt: Prompt,
     backend: Any,
     config: MethodConfig,
     name: str,
@@ -62,10 +85,12 @@ def run_program(
     progress: Progress | None = None,
     **program_args: Any,
 ) -> Result:
-    """Run any of our ``@sgl.function`` programs (e.g. ``sample_pool``) and build its ``Result``:
-    errors of the program or of any fork are raised, wall time and FLOPs are added."""
-    if not isinstance(prompt, str) or not prompt.strip():
+    """Run any of our ``@sgl.function`` programs (e.g. ``sample_pool``) on a prompt or a checked conversation
+    and build its ``Result``: errors of the program or of any fork are raised, wall time and FLOPs are added."""
+    if isinstance(prompt, str) and not prompt.strip():
         raise UserError("the prompt is empty")
+    if not isinstance(prompt, str):
+        prompt = check_messages(prompt)
     if config.seed is not None and hasattr(backend, "reseed"):
         backend.reseed(config.seed)
     seen = ProgressBackend(backend, config, progress) if progress is not None else backend

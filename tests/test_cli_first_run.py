@@ -193,11 +193,15 @@ def test_read_prompt_in_the_api(tmp_path):
 
 
 def test_progress_in_the_api_names_each_sample_once(backend):
-    from sgl_adaptive import run
+    from sgl_adaptive import MethodConfig
+    from sgl_adaptive.programs import PROGRAMS
+    from sgl_adaptive.runner import run_program
 
     lines: list[str] = []
     # Temperature 0: both samples are the same text, yet each evaluation is reported for its own sample.
-    run("What is 2 + 3?", backend, "adaptive", n=2, temperature=0.0, threshold=1.0, progress=lines.append)
+    # (The program itself: ``run`` answers temperature 0 with one greedy sample.)
+    config = MethodConfig(n=2, temperature=0.0, threshold=1.0)
+    run_program(PROGRAMS["adaptive"], "What is 2 + 3?", backend, config, "adaptive", progress=lines.append)
     assert [line.split(":")[0].strip() for line in lines] == [
         "round 1",
         "sample 1",

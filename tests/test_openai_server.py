@@ -232,6 +232,162 @@ def test_extra_body_options_reach_the_method(servers, backend):
     assert greedy["method"] == "greedy" and greedy["self_evals"] == 0
 
 
+# ---- what real clients send --------------------------------------------------------------------------
+
+
+class Recorder:
+    """A backend that records every request: its text, its stop strings and what came back."""
+
+    def __init__(self, backend) -> None:
+        self._backend = backend
+        self.calls: list[tuple[str, list[str], str, bool]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def generate(self, s, sampling_params):
+        out, meta = self._backend.generate(s, sampling_params=sampling_params)
+        stops = (
+            [sampling_params.stop]
+            if isinstance(sampling_params.stop, str)
+            else list(sampling_params.stop or ())
+        )
+        self.calls.append((s.text_, stops, out, bool(sampling_params.return_logprob)))
+        return out, meta
+
+    def samples(self) -> list[tuple[str, list[str], str]]:
+        return [(text, stops, out) for text, stops, out, evaluation in self.calls if not evaluation and out]
+
+    def evaluations(self) -> list[str]:
+        return [text for text, _, _, evaluation in self.calls if evaluation]
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer with a number."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "5"},
+    {"role": "user", "content": "And 3 + 4?"},
+]
+
+
+def test_client_defaults_at_their_neutral_values_are_accepted(servers, backend):
+    server = servers.start(backend)
+    base = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 6,
+            "method": "best-of-n", "samples": 2, "seed": 3}  # fmt: skip
+    neutral = {"logit_bias": {}, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+               "parallel_tool_calls": True, "user": "u-1", "metadata": {"k": "v"}, "store": False, "stop": [],
+               "n": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False}  # fmt: skip
+    status, plain = post(server, base)
+    status_neutral, with_defaults = post(server, {**base, **neutral})
+    assert (status, status_neutral) == (200, 200), with_defaults
+    assert with_defaults["choices"][0]["message"] == plain["choices"][0]["message"]
+    assert with_defaults["choices"][0]["logprobs"] is None
+
+
+def test_every_problem_of_a_request_is_reported_in_a_stable_order(servers, backend):
+    server = servers.start(backend)
+    problems = {"zzz": 1, "stop": [""], "method": "beam", "tools": [{"type": "function"}], "aaa": 2, "n": 2}
+    answers = []
+    for order in (list(problems), list(reversed(problems))):
+        body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}]}
+        body.update({k: problems[k] for k in order})
+        status, answer = post(server, body)
+        assert status == 400
+        answers.append(answer["error"])
+    assert answers[0] == answers[1]
+    message = answers[0]["message"]
+    assert message.startswith("6 problems: aaa: unsupported field 'aaa'") and answers[0]["param"] == "aaa"
+    positions = [message.index(f"{p}: ") for p in ("aaa", "zzz", "n", "tools", "method", "stop")]
+    assert positions == sorted(positions), message
+
+
+def test_stop_sequences_cut_every_sample_before_it_is_scored(servers, backend):
+    recorder = Recorder(backend)
+    server = servers.start(recorder)
+    client = client_for(server)
+    ask = dict(max_tokens=16, seed=7, method="best-of-n", samples=3, return_candidates=True)
+    free = chat(client, **ask).model_extra["sgl_adaptive"]["candidates"]
+    long = max(free, key=lambda c: len(c["text"]))["text"]
+    stop = long[len(long) // 2 : len(long) // 2 + 2]
+    assert stop.strip(), long
+    recorder.calls.clear()
+    reply = chat(client, stop=[stop, "never-generated"], **ask)
+    extra = reply.model_extra["sgl_adaptive"]
+    expected = [c["text"][: c["text"].find(stop)] if stop in c["text"] else c["text"] for c in free]
+    # The same draws (concurrent forks may take each other's seed), each cut at its first stop sequence.
+    assert sorted(c["text"] for c in extra["candidates"]) == sorted(expected)
+    cut = {f["text"][: f["text"].find(stop)] for f in free if stop in f["text"]}
+    assert cut and all(c["finished"] for c in extra["candidates"] if c["text"] in cut)
+    assert extra["config"]["stop_sequences"] == [stop, "never-generated"]
+    answer = reply.choices[0].message.content
+    assert stop not in answer and answer in expected
+    if answer in cut:
+        assert reply.choices[0].finish_reason == "stop"
+    assert all(stop in stops for _, stops, _ in recorder.samples())  # the backend saw the stop sequences
+    # Each score read the cut text: the evaluation turn follows it directly.
+    closed = "<|im_end|>\n<|im_start|>user\n"
+    for text in expected:
+        assert any(text + closed in t for t in recorder.evaluations()), text
+    assert not any(stop in t.split("<|im_start|>assistant\n")[-2] for t in recorder.evaluations())
+    direct = run(PROMPT, backend, "best-of-n", n=3, max_new_tokens=16, seed=7, stop_sequences=[stop])
+    assert sorted(c.text for c in direct.candidates) == sorted(expected)
+
+
+def test_system_and_multi_turn_are_rendered_with_the_chat_template(servers, backend):
+    recorder = Recorder(backend)
+    server = servers.start(recorder)
+    reply = client_for(server).chat.completions.create(
+        model="tiny", messages=CONVERSATION, max_tokens=8, seed=2,
+        extra_body={"method": "best-of-n", "samples": 2},
+    )  # fmt: skip
+    rendered = backend.tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+    samples = recorder.samples()
+    assert len(samples) == 2 and all(text == rendered for text, _, _ in samples)
+    assert len(recorder.evaluations()) == 2 and all(t.startswith(rendered) for t in recorder.evaluations())
+    extra = reply.model_extra["sgl_adaptive"]
+    prompt = backend.tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert reply.usage.prompt_tokens == len(backend.tokenizer.encode(prompt))
+    # The conversation is prefilled once: each sample and each evaluation reads it from the cache.
+    assert extra["tokens"]["cached"] >= 4 * reply.usage.prompt_tokens
+    assert extra["eval_prefill_per_eval"] < reply.usage.prompt_tokens
+    direct = run(messages=CONVERSATION, backend=backend, method="best-of-n", n=2, max_new_tokens=8, seed=2)
+    assert reply.choices[0].message.content == direct.answer
+
+
+def test_temperature_0_is_one_greedy_sample_without_evaluation(servers, backend):
+    server = servers.start(backend)
+    client = client_for(server)
+    reply = chat(client, max_tokens=8, temperature=0)  # the default method: adaptive
+    extra = reply.model_extra["sgl_adaptive"]
+    assert (extra["method"], extra["requested_method"]) == ("greedy", "adaptive")
+    assert (extra["samples"], extra["self_evals"], extra["batches"]) == (1, 0, 1)
+    assert reply.choices[0].message.content == run(PROMPT, backend, "greedy", max_new_tokens=8).answer
+    greedy = chat(client, max_tokens=8, temperature=0.0, top_p=1, method="greedy")
+    assert greedy.choices[0].message.content == reply.choices[0].message.content
+    assert "requested_method" not in greedy.model_extra["sgl_adaptive"]
+
+
+def test_logprobs_are_the_chosen_samples_tokens(servers, backend):
+    server = servers.start(backend)
+    client = client_for(server)
+    reply = chat(client, max_tokens=10, seed=4, method="best-of-n", samples=2, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    direct = run(PROMPT, backend, "best-of-n", n=2, max_new_tokens=10, seed=4, logprobs=3)
+    chosen = direct.candidates[direct.best].logprobs
+    assert reply.choices[0].message.content == direct.answer and len(content) == len(chosen) > 0
+    for got, want in zip(content, chosen, strict=True):
+        assert (got.token, got.logprob) == (want["token"], pytest.approx(want["logprob"]))
+        assert got.bytes == list(got.token.encode()) and got.logprob <= 0
+        tops = [t.logprob for t in got.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and got.logprob <= tops[0] + 1e-6
+    streamed = chat(client, max_tokens=10, seed=4, method="best-of-n", samples=2, logprobs=True, top_logprobs=3,
+                    stream=True)  # fmt: skip
+    pieces = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [t.token for p in pieces for t in p.content] == [t.token for t in content]
+    greedy = chat(client, max_tokens=10, method="greedy", logprobs=True, top_logprobs=1).choices[0].logprobs
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob) for t in greedy.content)  # the argmax
+
+
 # ---- errors ----------------------------------------------------------------------------------------
 
 
@@ -249,30 +405,66 @@ def test_extra_body_options_reach_the_method(servers, backend):
         ({"method": "greedy", "temperature": 0.5}, "temperature", "not used by method greedy"),
         ({"n": 2}, "n", "the sample budget is the `samples` field"),
         ({"best_of": 4}, "best_of", "the sample budget is `samples`"),
-        ({"tools": []}, "tools", "unsupported field 'tools'"),
-        ({"stop": ["\n"]}, "stop", "stop sequences are not supported"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools="),
+        ({"tool_choice": "auto"}, "tool_choice", "accepted: 'none'"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "accepted: {'type': 'text'}"),
+        ({"logit_bias": {"17": 5}}, "logit_bias", "accepted: {}"),
+        ({"functions": [{"name": "f"}]}, "functions", "no tools are served"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+        ({"stop": [""]}, "stop", "must not be empty"),
+        ({"stop": 3}, "stop", "a string or a list of strings"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "within [0, 20]"),
+        ({"top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
+        ({"logprobs": 1}, "logprobs", "true or false"),
         ({"max_tokens": 4, "max_completion_tokens": 4}, "max_completion_tokens", "not both"),
         ({"stream": "yes"}, "stream", "true or false"),
         (
-            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": None},
+                    {"role": "user", "content": "c"},
+                ]
+            },
             "messages",
-            "system messages",
+            "message 1: a assistant message needs content",
         ),  # fmt: skip
         (
             {
                 "messages": [
                     {"role": "user", "content": "a"},
-                    {"role": "assistant", "content": "b"},
+                    {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]},
+                    {"role": "tool", "content": "42", "tool_call_id": "1"},
+                ]
+            },
+            "messages",
+            "message 1: assistant tool calls are not supported",
+        ),  # fmt: skip
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "42"}]},
+            "messages",
+            "message 1: tool messages are not supported",
+        ),  # fmt: skip
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "system", "content": "b"},
                     {"role": "user", "content": "c"},
                 ]
             },
             "messages",
-            "multi-turn",
+            "only as the first message",
+        ),  # fmt: skip
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+            "messages",
+            "the last message must be from the user",
         ),  # fmt: skip
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             "messages",
-            "only text",
+            "only text content parts",
         ),  # fmt: skip
         ({"messages": [{"role": "user", "content": "  "}]}, "messages", "empty"),
         ({"messages": []}, "messages", "non-empty list"),
@@ -448,8 +640,18 @@ def test_in_front_of_an_sglang_server_and_forwarding_its_native_api(servers, bac
         )
         assert via_server.usage.prompt_tokens > 0
         with pytest.raises(openai.BadRequestError) as seeded:  # the server's sampling seed is not ours
-            chat(client, method="greedy", max_tokens=4, seed=1)
+            chat(client, method="best-of-n", samples=2, max_tokens=4, seed=1)
         assert error_of(seeded.value)["param"] == "seed"
+        greedy = chat(client, max_tokens=6, temperature=0, seed=1)  # nothing sampled: the seed is neutral
+        assert greedy.choices[0].message.content == via_server.choices[0].message.content
+        # Stop sequences reach the SGLang server in every sample request, and cut as in process.
+        stop = via_server.choices[0].message.content[2:4]
+        stopped = chat(client, method="best-of-n", samples=2, max_tokens=6, stop=stop, return_candidates=True)
+        sent = [
+            b["sampling_params"] for b in native.requests if b["sampling_params"].get("max_new_tokens", 0) > 1
+        ]
+        assert all(stop in p["stop"] for p in sent[-2:])
+        assert all(stop not in c["text"] for c in stopped.model_extra["sgl_adaptive"]["candidates"])
         with pytest.raises(openai.APIStatusError) as long:
             chat(client, content="seven " * (backend.context_length + 5), method="greedy", max_tokens=4)
         assert long.value.status_code == 413

@@ -157,28 +157,37 @@ def test_the_judge_may_drive_the_threshold_stop(backend):
 
 
 # ---- the endpoint backend ---------------------------------------------------------------------------
+def best_of_two_at_temperature_0(backend, **knobs):
+    """Best-of-2 at temperature 0: the same text twice, the same on every backend. The program itself runs:
+    ``run`` answers temperature 0 with one greedy sample."""
+    from sgl_adaptive.programs import PROGRAMS
+    from sgl_adaptive.runner import run_program
+
+    config = MethodConfig(n=2, max_new_tokens=8, temperature=0.0, **knobs)
+    return run_program(PROGRAMS["best-of-n"], PROMPT, backend, config, name="best-of-n")
+
+
 def test_rm_and_judge_through_an_sglang_server(backend, reward_model_dir):
     from sgl_adaptive.backends.endpoint import SGLangEndpoint
     from sgl_adaptive.backends.http_server import serve
 
-    greedy = dict(max_new_tokens=8, temperature=0.0)
     server = serve(backend, port=0)
     try:
         endpoint = SGLangEndpoint(f"http://127.0.0.1:{server.server_address[1]}")
         server.requests.clear()
         rm = dict(scorer="rm", reward_model=str(reward_model_dir))
-        via_http = run(PROMPT, endpoint, "best-of-n", n=2, **rm, **greedy)
-        judged = run(PROMPT, endpoint, "best-of-n", n=2, scorer="judge", judge_prompt=JUDGE, **greedy)
+        via_http = best_of_two_at_temperature_0(endpoint, **rm)
+        judged = best_of_two_at_temperature_0(endpoint, scorer="judge", judge_prompt=JUDGE)
         bodies = [b for b in server.requests if b.get("return_logprob")]
     finally:
         server.shutdown()
-    local = run(PROMPT, backend, "best-of-n", n=2, **rm, **greedy)
+    local = best_of_two_at_temperature_0(backend, **rm)
     assert [c.text for c in via_http.candidates] == [c.text for c in local.candidates]
     assert [c.score for c in via_http.candidates] == pytest.approx([c.score for c in local.candidates])
     assert via_http.costs.rm_reads == 2 and via_http.costs.self_evals == 0
     assert via_http.costs.flops > via_http.costs.rm_flops > 0
     assert judged.costs.self_evals == 2 and len(bodies) == 2 and all(JUDGE in b["text"] for b in bodies)
-    local_judged = run(PROMPT, backend, "best-of-n", n=2, scorer="judge", judge_prompt=JUDGE, **greedy)
+    local_judged = best_of_two_at_temperature_0(backend, scorer="judge", judge_prompt=JUDGE)
     assert [c.score for c in judged.candidates] == pytest.approx(
         [c.score for c in local_judged.candidates], abs=1e-6
     )

@@ -210,14 +210,22 @@ def test_adaptive_with_an_answer_stop_reads_the_confidence(backend):
     assert r.best == max(done, key=lambda i: (scores[i], -i))
 
 
+def best_of_two_at_temperature_0(backend, **knobs):
+    """Best-of-2 at temperature 0: the same text twice, the same on every backend. The program itself runs:
+    ``run`` answers temperature 0 with one greedy sample."""
+    from sgl_adaptive.programs import PROGRAMS
+    from sgl_adaptive.runner import run_program
+
+    config = MethodConfig(n=2, max_new_tokens=8, temperature=0.0, **knobs)
+    return run_program(PROGRAMS["best-of-n"], PROMPT, backend, config, name="best-of-n")
+
+
 def test_the_endpoint_asks_for_top_k_logprobs_without_text(backend):
     server = serve(backend, port=0)
     try:
         endpoint = SGLangEndpoint(f"http://127.0.0.1:{server.server_address[1]}")
-        via_http = run(
-            PROMPT, endpoint, "best-of-n", n=2, scorer="confidence", max_new_tokens=8, temperature=0.0
-        )
-        local = run(PROMPT, backend, "best-of-n", n=2, scorer="confidence", max_new_tokens=8, temperature=0.0)
+        via_http = best_of_two_at_temperature_0(endpoint, scorer="confidence")
+        local = best_of_two_at_temperature_0(backend, scorer="confidence")
         bodies = [b for b in server.requests if b["sampling_params"].get("max_new_tokens", 0) > 0]
     finally:
         server.shutdown()
