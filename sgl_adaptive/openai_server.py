@@ -438,6 +438,8 @@ class _Handler(BaseHTTPRequestHandler):
     # ---- helpers ---------------------------------------------------------------------------------
     def _note(self, completion: Completion) -> None:
         c = completion.result.costs
+        if completion.result.requested_method:
+            self._detail += f" ran={completion.result.method} (temperature 0)"
         self._detail += (
             f" samples={c.samples} batches={c.batches} self_evals={c.self_evals} "
             f"prompt_tokens={completion.prompt_tokens} generated={c.generated_tokens} run={c.wall_s:.2f}s"
