@@ -1,5 +1,6 @@
 """Summaries of a bench folder: one table per (model, dataset, mode, token limit, pool), printed with
-rich and written as Markdown, and PNG plots (accuracy vs samples, accuracy vs FLOPs, pruning curves).
+rich and written as Markdown, and plots as PNG and SVG (``bench.plotting``): accuracy against samples
+and against FLOPs with 95% intervals, and the pruning curves.
 
 Each row is one method x configuration, averaged over its questions. "% of max" is the paper's
 percent of maximum improvement: (row - greedy) / (Best-of-N by the same scorer - greedy), over the
@@ -14,12 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from sgl_adaptive.errors import UserError
+from sgl_adaptive.finetune.metrics import bootstrap_ci
 
-from .methods import METHODS, PRUNING
+from .methods import METHODS
+from .plotting import Curve, Panel, Plot, draw
 from .store import config_hash, read_lines
 from .sweep import percent_of_max
 
@@ -291,25 +295,27 @@ def markdown(sections: list[Section], plots: dict[str, list[str]] | None = None)
         out += ["| " + " | ".join(row_cells(row, section.metric)) + " |" for row in section.rows]
         out += ["", *_notes(section), ""]
         for name in (plots or {}).get(section.slug, []):
-            out.append(f"![{name}]({name})")
+            if name.endswith(".png"):
+                out.append(f"![{name}]({name})")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 
 
 # ---- plots ----------------------------------------------------------------------------------------------
 
+PLOTTED = ("greedy", "best-of-n", "majority", "weighted-majority", "adaptive", "oracle")
+"""The methods of the accuracy plots, in legend order (every method is in the tables; the pruning
+methods have their own plot)."""
+VARIES = {"adaptive": "threshold"}
+"""The configuration key a method's curve runs along (default ``n``); rows that differ in another key
+are separate curves."""
 STYLE = {
     "greedy": ("black", "*"),
     "best-of-n": ("tab:blue", "o"),
-    "rm-best-of-n": ("tab:purple", "v"),
-    "judge-best-of-n": ("tab:brown", "^"),
     "majority": ("tab:olive", "D"),
-    "oracle": ("tab:gray", "x"),
+    "weighted-majority": ("tab:purple", "v"),
     "adaptive": ("tab:green", "s"),
-    "prune": ("tab:red", "P"),
-    "adaptive-prune": ("tab:orange", "X"),
-    "random-prune": ("tab:pink", "v"),
-    "budget-matched": ("teal", "d"),
+    "oracle": ("tab:gray", "x"),
 }
 PRUNING_LINES = {
     "prune": ("P", "-", "prune at {b}"),
@@ -318,129 +324,173 @@ PRUNING_LINES = {
     "adaptive-prune": ("X", "-.", "adaptive-prune at {b}"),
 }
 """Pruning plot: each method's marker, line style and legend; the colour is the pruning budget."""
+PLOT_PREFIXES = ("accuracy_vs_samples", "accuracy_vs_flops", "pruning")
+"""The names of the plots ``section_plots`` makes (before the section suffix)."""
 
 
-def _series(rows: list[Row], x: str) -> dict[str, list[tuple[float, float]]]:
-    out: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for row in rows:
-        xv = row.mean(x)
-        if xv is not None and (x != "flops" or xv > 0):
-            out[row.method].append((xv, 100 * row.accuracy))
-    return {m: sorted(pts) for m, pts in out.items()}
+def interval(row: Row) -> tuple[float, float]:
+    """95% bootstrap interval (resampling questions) of the row's mean quality, x100 as plotted."""
+    values = np.array(list(row.quality.values()), dtype=float)
+    low, high = bootstrap_ci(len(values), lambda draw: float(values[draw].mean()))
+    return 100 * low, 100 * high
+
+
+def _curve_groups(rows: list[Row], method: str) -> dict[str, list[Row]]:
+    """A method's rows, one list per curve: the rows that differ only in the key the curve runs along;
+    the legend names the other keys that differ between curves."""
+    mine = [r for r in rows if r.method == method]
+    vary = VARIES.get(method, "n")
+
+    def fixed(r: Row) -> dict[str, Any]:
+        return {k: v for k, v in r.config.items() if k != vary}
+
+    keys = sorted({k for r in mine for k in fixed(r)})
+    differing = [k for k in keys if len({str(fixed(r).get(k)) for r in mine}) > 1]
+    out: dict[str, list[Row]] = defaultdict(list)
+    for r in mine:
+        out[" ".join([method, *(f"{k}={r.config.get(k)}" for k in differing)])].append(r)
+    return out
+
+
+def _points(rows: list[Row], x: str) -> list[tuple[float, float, Row]]:
+    pts = [(row.mean(x), 100 * row.accuracy, row) for row in rows]
+    return sorted(((xv, y, r) for xv, y, r in pts if xv is not None and xv > 0), key=lambda p: p[:2])
+
+
+def _accuracy_plot(section: Section, x: str, ci: dict[int, tuple[float, float]]) -> Plot | None:
+    xlabel, xscale = {
+        "samples": ("average samples per question (log scale)", "log2"),
+        "flops": ("average FLOPs per question (estimated from tokens, log scale)", "log"),
+    }[x]
+    curves = []
+    for method in PLOTTED:
+        color, marker = STYLE[method]
+        for label, rows in _curve_groups(section.rows, method).items():
+            pts = _points(rows, x)
+            if not pts:
+                continue
+            many = len(pts) > 1
+            curves.append(
+                Curve(
+                    label=label,
+                    x=[p[0] for p in pts],
+                    y=[p[1] for p in pts],
+                    low=[ci[id(p[2])][0] for p in pts],
+                    high=[ci[id(p[2])][1] for p in pts],
+                    tags=[f"t={p[2].config['threshold']:g}" for p in pts] if method == "adaptive" else [],
+                    color=color,
+                    marker=marker,
+                    linestyle="-" if many else "none",
+                    band=many and method != "adaptive",
+                )
+            )
+    if not curves:
+        return None
+    panel = Panel(xlabel, _ylabel(section), curves, xscale=xscale, legend="below", legend_columns=3)
+    return Plot(_plot_title(section), [panel], height_in=5.0)
+
+
+def _ylabel(section: Section) -> str:
+    return "accuracy (% of questions)" if section.metric == "accuracy" else "quality (mean x 100)"
+
+
+def _plot_title(section: Section) -> str:
+    """The section's title on two lines (it is longer than a 7 in figure is wide)."""
+    first, _, rest = section.title.partition(" · model ")
+    return f"{first}\nmodel {rest} · 95% bootstrap intervals over questions" if rest else section.title
+
+
+def _pruning_plot(section: Section, ci: dict[int, tuple[float, float]]) -> Plot | None:
+    groups = _pruning_rows(section.rows)
+    if not groups:
+        return None
+    budgets = sorted({b for _, b in groups}, key=lambda b: b or 0)
+    curves = []
+    for (method, budget), rows in groups.items():
+        marker, linestyle, legend = PRUNING_LINES[method]
+        pts = [_pruning_point(r) for r in rows]
+        curves.append(
+            Curve(
+                label=legend.format(b=budget),
+                x=[p[0] for p in pts],
+                y=[p[1] for p in pts],
+                low=[ci[id(r)][0] for r in rows],
+                high=[ci[id(r)][1] for r in rows],
+                tags=[p[2] for p in pts],
+                color=f"C{budgets.index(budget) % 10}",
+                marker=marker,
+                linestyle=linestyle,
+            )
+        )
+    for method in ("greedy", "best-of-n"):
+        color, marker = STYLE[method]
+        for label, rows in _curve_groups(section.rows, method).items():
+            pts = _points(rows, "generated_tokens")
+            if pts:
+                curves.append(
+                    Curve(
+                        label=label,
+                        x=[p[0] for p in pts],
+                        y=[p[1] for p in pts],
+                        low=[ci[id(p[2])][0] for p in pts],
+                        high=[ci[id(p[2])][1] for p in pts],
+                        tags=[f"n={p[2].config['n']}" for p in pts] if method == "best-of-n" else [],
+                        color=color,
+                        marker=marker,
+                        linestyle="-" if len(pts) > 1 else "none",
+                    )
+                )
+    panel = Panel(
+        "average generated tokens per question", _ylabel(section), curves, legend="below", legend_columns=2
+    )
+    return Plot(_plot_title(section), [panel], height_in=5.5)
+
+
+def section_plots(section: Section) -> dict[str, Plot]:
+    """The section's plots as data, by name (``PLOT_PREFIXES``): accuracy against average samples and
+    against average FLOPs for ``PLOTTED`` (adaptive's points tagged with their thresholds), and the
+    pruning methods' accuracy against generated tokens beside greedy and Best-of-N over n; every
+    point with its 95% interval. A plot with nothing to draw is left out."""
+    wanted = {*PLOTTED, *PRUNING_LINES}
+    ci = {id(row): interval(row) for row in section.rows if row.method in wanted}
+    plots = {
+        "accuracy_vs_samples": _accuracy_plot(section, "samples", ci),
+        "accuracy_vs_flops": _accuracy_plot(section, "flops", ci),
+        "pruning": _pruning_plot(section, ci),
+    }
+    return {name: plot for name, plot in plots.items() if plot is not None}
 
 
 def plot_section(section: Section, out_dir: Path, suffix: str = "") -> list[str]:
-    """Write the section's PNGs; return their file names."""
-    import matplotlib
+    """Write the section's plots as PNG and SVG; return their file names."""
+    return [
+        f for name, plot in section_plots(section).items() for f in draw(plot, out_dir / f"{name}{suffix}")
+    ]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    written = []
-    ylabel = "accuracy (%)" if section.metric == "accuracy" else "quality (x100)"
-    for x, xlabel, name, log in (
-        ("samples", "average samples per question", "accuracy_vs_samples", False),
-        ("flops", "average FLOPs per question", "accuracy_vs_flops", True),
-    ):
-        series = _series(section.rows, x)
-        if not series:
-            continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method, pts in series.items():
-            color, marker = STYLE.get(method, ("tab:cyan", "."))
-            xs, ys = zip(*pts, strict=True)
-            curve = len(pts) > 1 and method not in PRUNING  # a b x k grid: points, not a curve
-            ax.plot(
-                xs,
-                ys,
-                marker=marker,
-                color=color,
-                label=method,
-                linestyle="-" if curve else "none",
-                alpha=0.75,
-            )
-        if log:
-            ax.set_xscale("log")
-        ax.set(xlabel=xlabel, ylabel=ylabel)
-        written.append(_save(fig, ax, section.title, out_dir / f"{name}{suffix}.png", legend_size=8))
-    curves = pruning_series(section.rows)
-    if curves:
-        fig, ax = plt.subplots(figsize=(9.5, 4.5))
-        budgets = sorted({b for _, b in curves}, key=lambda b: b or 0)
-        for (method, budget), pts in curves.items():
-            marker, linestyle, legend = PRUNING_LINES[method]
-            ax.plot(
-                [p[0] for p in pts],
-                [p[1] for p in pts],
-                marker=marker,
-                linestyle=linestyle,
-                color=f"C{budgets.index(budget) % 10}",
-                label=legend.format(b=budget),
-                alpha=0.85,
-            )
-            for tokens, acc, tag in pts:
-                ax.annotate(tag, (tokens, acc), fontsize=6, xytext=(2, 2), textcoords="offset points")
-        for row in section.rows:
-            if row.method in ("best-of-n", "greedy") and (
-                row.method == "greedy" or row.config.get("n") == row.top_n
-            ):
-                color, marker = STYLE[row.method]
-                ax.plot(
-                    [row.mean("generated_tokens") or 0.0],
-                    [100 * row.accuracy],
-                    marker=marker,
-                    color=color,
-                    linestyle="none",
-                    markersize=10,
-                    label=f"{row.method} {row.label}".strip(),
-                )
-        ax.set(xlabel="average generated tokens per question", ylabel=ylabel)
-        written.append(
-            _save(
-                fig, ax, section.title, out_dir / f"pruning{suffix}.png", legend_size=7, legend_outside=True
-            )
-        )
-    return written
+def _pruning_point(row: Row) -> tuple[float, float, str]:
+    c = row.config
+    tag = f"t={c.get('threshold'):g}" if row.method == "adaptive-prune" else f"k={c.get('keep')}"
+    return (row.mean("generated_tokens") or 0.0, 100 * row.accuracy, tag)
+
+
+def _pruning_rows(rows: list[Row]) -> dict[tuple[str, Any], list[Row]]:
+    """The rows of each (method, pruning budget) of ``PRUNING_LINES``, by their plotted point."""
+    out: dict[tuple[str, Any], list[Row]] = defaultdict(list)
+    for row in rows:
+        if row.method in PRUNING_LINES:
+            out[row.method, row.config.get("prune_at")].append(row)
+    order = list(PRUNING_LINES)
+    return {
+        key: sorted(group, key=_pruning_point)
+        for key, group in sorted(out.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1] or 0))
+    }
 
 
 def pruning_series(rows: list[Row]) -> dict[tuple[str, Any], list[tuple[float, float, str]]]:
     """The pruning plot's curves: per (method, pruning budget) of ``PRUNING_LINES``, its rows as (average
     generated tokens, accuracy %, tag: k=keep, or t=threshold for adaptive-prune), by tokens."""
-    out: dict[tuple[str, Any], list[tuple[float, float, str]]] = defaultdict(list)
-    for row in rows:
-        if row.method not in PRUNING_LINES:
-            continue
-        c = row.config
-        tag = f"t={c.get('threshold'):g}" if row.method == "adaptive-prune" else f"k={c.get('keep')}"
-        out[row.method, c.get("prune_at")].append(
-            (row.mean("generated_tokens") or 0.0, 100 * row.accuracy, tag)
-        )
-    order = list(PRUNING_LINES)
-    return {
-        key: sorted(pts)
-        for key, pts in sorted(out.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1] or 0))
-    }
-
-
-def _save(fig: Any, ax: Any, title: str, path: Path, legend_size: int, legend_outside: bool = False) -> str:
-    """Title, grid and legend in the house style (the legend right of the axes when it would cover many
-    curves); write the PNG, close the figure; return its file name."""
-    import matplotlib.pyplot as plt
-
-    ax.set_title(title, fontsize=8)
-    ax.grid(alpha=0.3)
-    if legend_outside:
-        ax.legend(fontsize=legend_size, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    else:
-        ax.legend(fontsize=legend_size)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path.name
-
-
-PLOT_PREFIXES = ("accuracy_vs_samples", "accuracy_vs_flops", "pruning")
-"""The names of the PNGs ``plot_section`` writes (before the section suffix)."""
+    return {key: [_pruning_point(r) for r in group] for key, group in _pruning_rows(rows).items()}
 
 
 def write_report(out_dir: str | Path, console: Console | None = None) -> list[Section]:
@@ -459,9 +509,8 @@ def write_report(out_dir: str | Path, console: Console | None = None) -> list[Se
     (out / "summary.md").write_text(markdown(sections, plots), encoding="utf-8")
     rich_tables(sections, console)
     files = ["summary.md", *(f for names in plots.values() for f in names)]
-    for stale in {p for prefix in PLOT_PREFIXES for p in out.glob(f"{prefix}*.png")} - {
-        out / f for f in files
-    }:
+    drawn = {p for prefix in PLOT_PREFIXES for ext in ("png", "svg") for p in out.glob(f"{prefix}*.{ext}")}
+    for stale in drawn - {out / f for f in files}:
         stale.unlink()  # an earlier report's plot of a section layout that changed (e.g. live only → live + sweep)
     console.print(f"wrote {', '.join(files)} in {out}", highlight=False)
     return sections

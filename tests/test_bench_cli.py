@@ -164,6 +164,17 @@ def test_sweep_computes_curves_from_one_pool_and_resumes(
     never = [x for x in lines if x["method"] == "adaptive" and x["config"]["threshold"] == 1.0]
     assert all(x["costs"]["samples"] == 4 and x["costs"]["batches"] == 3 for x in never)
     assert "Sweep: every row" in res.output
+    # the pictures: PNG and SVG, their points the table's accuracy and average samples
+    from sgl_adaptive.bench.report import load_results, row_cells, section_plots, summarize
+
+    for name in ("accuracy_vs_samples", "accuracy_vs_flops", "pruning"):
+        assert (tmp_path / f"{name}.png").is_file() and (tmp_path / f"{name}.svg").is_file()
+    (section,) = summarize(load_results(tmp_path))
+    (panel,) = section_plots(section)["accuracy_vs_samples"].panels
+    points = {(f"{y:.1f}%", f"{x:.2f}") for c in panel.curves for x, y in zip(c.x, c.y, strict=True)}
+    shown = [r for r in section.rows if r.method in {c.label.split()[0] for c in panel.curves}]
+    assert points == {(row_cells(r, "accuracy")[3], row_cells(r, "accuracy")[5]) for r in shown}
+    assert {c.label for c in panel.curves} == {"greedy", "best-of-n", "majority", "adaptive", "oracle"}
     again = bench(*args)
     assert "nothing to run" in again.output and len(results(tmp_path)) == len(lines)
 
