@@ -3,6 +3,7 @@
 sgl-adaptive bench (--model PATH | --endpoint URL) --dataset NAME_OR_FILE --out DIR [options]
 sgl-adaptive bench report DIR
 sgl-adaptive bench rescore --pools DIR/pools.jsonl --model MODEL --out DIR2 [--dtype] [--device]
+sgl-adaptive bench figures --samples SAMPLES.jsonl.gz --scores A.scores.jsonl.gz [--scores B...] --out DIR
 """
 
 from __future__ import annotations
@@ -207,6 +208,46 @@ def report(
         write_report(out_dir)
     except UserError as exc:
         raise _fail(str(exc)) from None
+
+
+@app.command("figures")
+def figures(
+    samples: Annotated[
+        Path | None,
+        typer.Option(help="samples.jsonl(.gz) of `finetune data`: the prompts, their samples and rewards."),
+    ] = None,
+    scores: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Out-of-fold scores of those samples (NAME.scores.jsonl(.gz), as `finetune top --cv` "
+            "writes them); repeat to compare settings. NAME labels the curves."
+        ),
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(help="Legend name of each --scores file, in the same order (default: its NAME)."),
+    ] = None,
+    selection: Annotated[
+        list[str] | None,
+        typer.Option(help="Draw only these settings (label or NAME) in the selection figure; repeatable."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the PNG, SVG and figures.json.")] = None,
+    bins: Annotated[int, typer.Option(min=2, help="Equal-count bins of the reliability diagram.")] = 10,
+) -> None:
+    """Draw accuracy against samples (Best-of-n by the score, score-weighted vote, majority, first sample,
+    oracle) and the score's reliability diagram from out-of-fold scores, without a model."""
+    from .figures import summary_lines, write_figures
+
+    try:
+        if samples is None or not scores or out is None:
+            raise UserError("--samples, --scores and --out are required")
+        data = write_figures(samples, scores, out, labels=label or (), selection=selection or (), bins=bins)
+    except UserError as exc:
+        raise _fail(str(exc)) from None
+    console = Console()
+    for line in summary_lines(data):
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"wrote {', '.join(data['files'])} in {out}", highlight=False, soft_wrap=True)
 
 
 @app.command("rescore")
