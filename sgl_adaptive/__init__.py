@@ -10,6 +10,7 @@ Importing the package is cheap: the backends (torch, transformers, sglang) load 
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from sgl_adaptive.config import METHODS, MethodConfig
@@ -23,7 +24,11 @@ if TYPE_CHECKING:
     from sgl_adaptive.backends.endpoint import SGLangEndpoint
     from sgl_adaptive.backends.local import LocalBackend
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("sgl-adaptive")
+    """The installed distribution's version: pyproject.toml's ``version`` is its only source."""
+except PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "DEFAULT_EVAL_PROMPT",

@@ -57,8 +57,21 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from sgl_adaptive import __version__
+
+        typer.echo(f"sgl-adaptive {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
     """Adaptive Best-of-N sampling with capability-aware self-evaluation, on SGLang."""
 
 

@@ -146,3 +146,16 @@ def test_run_and_batch_build_the_same_config_from_the_same_options(monkeypatch, 
         8,
         2,
     )
+
+
+def test_version_is_pyprojects_and_the_cli_prints_it():
+    import re
+    from pathlib import Path
+
+    import sgl_adaptive
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    (declared,) = re.findall(r'^version = "([^"]+)"$', text, flags=re.M)
+    assert sgl_adaptive.__version__ == declared  # a stale install would differ: reinstall
+    res = invoke("--version")
+    assert res.exit_code == 0 and res.output == f"sgl-adaptive {declared}\n"
