@@ -3,7 +3,8 @@
 # Every stage resumes: rerun the script after an interrupt and finished stages are skipped (the cache
 # resumes per prompt). Stages: data (relabel the shared H200 samples), cache (state entering block L-4),
 # derive (state entering block L-1), probe (the probe curve), cv-* (out-of-fold top-k training), final
-# (train on all prompts, export the adapter); curve (the learning curve), k2 (two blocks).
+# (train on all prompts, export the adapter), greedy (GSM8K dev greedy answers before and after), card
+# (the model card and the default decision); curve (the learning curve), k2 (two blocks).
 #
 #   bash scripts/selfeval_cpu.sh [STAGE ...]     (default: all, in order)
 #
@@ -66,6 +67,23 @@ stage_final() {  # FINAL_FLAGS: the setting the cross-validation chose (best out
     timed final "${CLI[@]}" top --cache "$CACHE" --out "$RUN/adapter" --cv 0 ${FINAL_FLAGS:---k 1 --hard-labels --lr 1e-3 --epochs 3}
 }
 
+greedy() {  # greedy NAME [--model M]: greedy answers on the first 60 GSM8K dev questions (resumes)
+    local name=$1; shift
+    timed "$name" .venv/bin/sgl-adaptive bench --dataset gsm8k-dev --methods greedy --limit 60 --parallel 8 \
+        --max-new-tokens 512 --out "$RUN/$name" "$@"
+}
+stage_greedy() {  # before and after: the base, then the merged adapter
+    greedy dev-greedy-base --model "$(.venv/bin/python -c \
+        'from sgl_adaptive.model_store import ensure_default_model; print(ensure_default_model())')"
+    greedy dev-greedy-trained --model "$("${CLI[@]}" merge --adapter "$RUN/adapter")"
+}
+stage_card() {
+    "${CLI[@]}" card --adapter "$RUN/adapter" --report "$RUN/cv/${FINAL_NAME:-k1-hard-lr1e-3-e3}.json" \
+        --greedy-base "$RUN/dev-greedy-base" --greedy-trained "$RUN/dev-greedy-trained" --times "$RUN/times.tsv" \
+        --command "bash scripts/selfeval_cpu.sh" \
+        --command "sgl-adaptive finetune top --cache CACHE --out ADAPTER --cv 0 ${FINAL_FLAGS:---k 1 --hard-labels --lr 1e-3 --epochs 3}"
+}
+
 stages=("$@")
-[[ ${#stages[@]} -eq 0 ]] && stages=(data cache derive probe cv curve k2 final)
+[[ ${#stages[@]} -eq 0 ]] && stages=(data cache derive probe cv curve final greedy card k2)
 for s in "${stages[@]}"; do "stage_$s"; done
