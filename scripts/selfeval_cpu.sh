@@ -67,9 +67,9 @@ stage_final() {  # FINAL_FLAGS: the setting the cross-validation chose (best out
     timed final "${CLI[@]}" top --cache "$CACHE" --out "$RUN/adapter" --cv 0 ${FINAL_FLAGS:---k 1 --hard-labels --lr 1e-3 --epochs 3}
 }
 
-greedy() {  # greedy NAME [--model M]: greedy answers on the first 60 GSM8K dev questions (resumes)
+greedy() {  # greedy NAME [--model M]: greedy answers on the first DEV_QUESTIONS GSM8K dev questions (resumes)
     local name=$1; shift
-    timed "$name" .venv/bin/sgl-adaptive bench --dataset gsm8k-dev --methods greedy --limit 60 --parallel 8 \
+    timed "$name" .venv/bin/sgl-adaptive bench --dataset gsm8k-dev --methods greedy --limit "${DEV_QUESTIONS:-37}" --parallel 8 \
         --max-new-tokens 512 --out "$RUN/$name" "$@"
 }
 stage_greedy() {  # before and after: the base, then the merged adapter

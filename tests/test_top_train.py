@@ -241,12 +241,16 @@ def test_cli_cross_validates_probes_exports_and_writes_the_card(
     )
     assert res.exit_code == 0, res.output
     times = tmp_path / "times.tsv"
-    times.write_text("cache\t60.5\t1024\nfinal\t30\t2048\n")
+    times.write_text("cache\t60.5\t1024\nfinal\t30\t2048\nmerge\t6\t\n")
     res = _cli(*card_args, "--report", out / "k1.json", "--times", times, "--command", "finetune top --cv 0")
     assert res.exit_code == 0, res.output
     assert "default model: no (out-of-fold Best-of-3 minus first sample" in res.output
     readme = (adapter / "README.md").read_text()
-    assert "| final | 0.5 min | 2.0 GiB |" in readme and "    finetune top --cv 0" in readme
+    assert (
+        "| final | 0.5 min | 2.0 GiB |" in readme
+        and "| merge | 0.1 min | — |" in readme
+        and "    finetune top --cv 0" in readme
+    )
     assert (
         "Best-of-" in readme
         and json.loads((adapter / "card.json").read_text())["decision"]["default"] is False

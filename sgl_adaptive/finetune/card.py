@@ -100,8 +100,8 @@ def model_card(
     decision: tuple[bool, str],
     drift: dict[str, Any] | None,
     greedy: dict[str, Any] | None,
-    times: list[tuple[str, float, int]],
-    # (stage, wall seconds, peak RSS in MiB), as scripts/selfeval_cpu.sh writes times.tsv
+    times: list[tuple[str, float, int | None]],
+    # (stage, wall seconds, peak RSS in MiB or None), as scripts/selfeval_cpu.sh writes times.tsv
     commands: list[str],
 ) -> str:
     """The adapter's README: what was trained on what, how, the out-of-fold figures, drift, greedy
@@ -155,7 +155,10 @@ def model_card(
         "",
         "| stage | wall | peak RSS |",
         "|---|---|---|",
-        *[f"| {name} | {wall / 60:.1f} min | {rss / 1024:.1f} GiB |" for name, wall, rss in times],
+        *[
+            f"| {name} | {wall / 60:.1f} min | {'—' if rss is None else f'{rss / 1024:.1f} GiB'} |"
+            for name, wall, rss in times
+        ],
         "",
         "## Commands",
         "",

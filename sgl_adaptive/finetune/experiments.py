@@ -298,12 +298,13 @@ def drift_report(
     return {**drift(base, model, SelfEvalEncoder(tokenizer), examples, limit=limit), "where": where}
 
 
-def read_times(path: Path) -> list[tuple[str, float, int]]:
-    """``times.tsv`` (stage, wall seconds, peak RSS MiB) as ``scripts/selfeval_cpu.sh`` writes it."""
+def read_times(path: Path) -> list[tuple[str, float, int | None]]:
+    """``times.tsv`` (stage, wall seconds, peak RSS MiB or empty when not recorded) as
+    ``scripts/selfeval_cpu.sh`` writes it."""
     rows = []
     for line in path.read_text().splitlines():
         name, wall, rss = line.split("\t")
-        rows.append((name, float(wall), int(rss)))
+        rows.append((name, float(wall), int(rss) if rss.strip() else None))
     return rows
 
 
