@@ -72,14 +72,17 @@ greedy() {  # greedy NAME [--model M]: greedy answers on the first DEV_QUESTIONS
     timed "$name" .venv/bin/sgl-adaptive bench --dataset gsm8k-dev --methods greedy --limit "${DEV_QUESTIONS:-37}" --parallel 8 \
         --max-new-tokens 512 --out "$RUN/$name" "$@"
 }
-stage_greedy() {  # before and after: the base, then the merged adapter
-    greedy dev-greedy-base --model "$(.venv/bin/python -c \
-        'from sgl_adaptive.model_store import ensure_default_model; print(ensure_default_model())')"
+stage_greedy() {  # before and after: the base, the merged adapter, and the base again (the control)
+    local base
+    base=$(.venv/bin/python -c 'from sgl_adaptive.model_store import ensure_default_model; print(ensure_default_model())')
+    greedy dev-greedy-base --model "$base"
     greedy dev-greedy-trained --model "$("${CLI[@]}" merge --adapter "$RUN/adapter")"
+    greedy dev-greedy-base-rerun --model "$base"
 }
 stage_card() {
     "${CLI[@]}" card --adapter "$RUN/adapter" --report "$RUN/cv/${FINAL_NAME:-k1-hard-lr1e-3-e3}.json" \
-        --greedy-base "$RUN/dev-greedy-base" --greedy-trained "$RUN/dev-greedy-trained" --times "$RUN/times.tsv" \
+        --greedy-base "$RUN/dev-greedy-base" --greedy-trained "$RUN/dev-greedy-trained" \
+        --greedy-control "$RUN/dev-greedy-base-rerun" --times "$RUN/times.tsv" \
         --command "bash scripts/selfeval_cpu.sh" \
         --command "sgl-adaptive finetune top --cache CACHE --out ADAPTER --cv 0 ${FINAL_FLAGS:---k 1 --hard-labels --lr 1e-3 --epochs 3}"
 }

@@ -87,9 +87,18 @@ def test_the_card_renders_the_committed_reports():
         untrained=untrained,
         decision=decision,
         drift=None,
-        greedy=None,
+        greedy={
+            "questions": 37,
+            "base_accuracy": 0.135,
+            "accuracy": 0.162,
+            "agreement": 0.405,
+            "same_response": 0.135,
+            "control": {"questions": 37, "agreement": 0.919, "same_response": 0.757},
+        },
         times=[("cache", 3960.0, 4500)],
         commands=["sgl-adaptive finetune top ..."],
     )
     assert "| Best-of-8 by the score | 0.281 | 0.249 |" in card
     assert "**Default model:** no" in card and "| cache | 66.0 min | 4.4 GiB |" in card
+    assert "the final answers agree on 0.405 of questions" in card
+    assert "A second greedy run of the base agrees with the first on 0.919" in card

@@ -144,7 +144,15 @@ def model_card(
         lines += [
             f"**GSM8K dev split, greedy** ({greedy['questions']} questions): accuracy "
             f"{greedy['base_accuracy']:.3f} before, {greedy['accuracy']:.3f} after; the final answers agree "
-            f"on {greedy['agreement']:.3f} of questions.",
+            f"on {greedy['agreement']:.3f} of questions and the responses are identical on "
+            f"{greedy['same_response']:.3f}."
+            + (
+                f" A second greedy run of the base agrees with the first on {greedy['control']['agreement']:.3f} "
+                f"of final answers ({greedy['control']['same_response']:.3f} identical responses): batched bf16 "
+                "decoding is not deterministic, so this is the ceiling of the agreement."
+                if greedy.get("control")
+                else ""
+            ),
             "",
         ]
     default, why = decision

@@ -578,6 +578,9 @@ def card_command(
     greedy_trained: Annotated[
         Path | None, typer.Option(help="The same run with the merged model (greedy after).")
     ] = None,
+    greedy_control: Annotated[
+        Path | None, typer.Option(help="A second run of the base (how far greedy agrees with itself).")
+    ] = None,
     times: Annotated[Path | None, typer.Option(help="times.tsv of scripts/selfeval_cpu.sh.")] = None,
     model: Annotated[str | None, typer.Option(help="Base model (default: embedded 0.5B).")] = None,
     command: Annotated[
@@ -601,6 +604,7 @@ def card_command(
             base_path=str(base),
             greedy_base=greedy_base,
             greedy_trained=greedy_trained,
+            greedy_control=greedy_control,
             times=times,
             commands=command or [],
             dtype=_torch_dtype(dtype, "cpu"),

@@ -316,6 +316,7 @@ def write_card(
     base_path: str,
     greedy_base: Path | None = None,
     greedy_trained: Path | None = None,
+    greedy_control: Path | None = None,
     times: Path | None = None,
     commands: Sequence[str] = (),
     data_root: str | None = None,
@@ -324,7 +325,8 @@ def write_card(
 ) -> tuple[bool, str]:
     """The adapter's model card (``README.md``) and its figures (``card.json``): the cross-validation
     report of its setting (``NAME.json``, with ``NAME.untrained.json`` beside it), drift on the base's
-    greedy dev responses, greedy accuracy before and after, the stage times, and the default-model
+    greedy dev responses, greedy accuracy before and after (and the base against a second run of itself,
+    ``greedy_control``), the stage times, and the default-model
     decision (``card.becomes_default``), which is returned."""
     from sgl_adaptive.finetune.card import becomes_default, model_card
 
@@ -343,6 +345,9 @@ def write_card(
         )
     if greedy_base is not None and greedy_trained is not None:
         greedy = greedy_comparison(greedy_base, greedy_trained)
+        if greedy_control is not None:  # the base against itself: batched bf16 decoding is not deterministic
+            control = greedy_comparison(greedy_base, greedy_control)
+            greedy["control"] = {k: control[k] for k in ("questions", "agreement", "same_response")}
     decision = becomes_default(trained, greedy["agreement"] if greedy else None, untrained)
     text = model_card(
         training=training,
