@@ -102,3 +102,26 @@ def test_the_card_renders_the_committed_reports():
     assert "**Default model:** no" in card and "| cache | 66.0 min | 4.4 GiB |" in card
     assert "the final answers agree on 0.405 of questions" in card
     assert "A second greedy run of the base agrees with the first on 0.919" in card
+
+
+def test_the_committed_adapter_card_agrees_with_the_committed_reports():
+    """The CPU-trained adapter in bench/results was trained with the cross-validated setting, and its
+    recorded decision is the rule's on the committed reports; it is not installed as the default."""
+    import json
+    from pathlib import Path
+
+    from sgl_adaptive.finetune.card import becomes_default
+    from sgl_adaptive.model_store import shipped_adapter
+
+    results = Path(__file__).parent.parent / "bench" / "results" / "selfeval-cpu"
+    adapter = results / "adapter"
+    training = json.loads((adapter / "training.json").read_text())
+    card = json.loads((adapter / "card.json").read_text())
+    report = json.loads((results / "k1-hard-lr1e-3-e3.json").read_text())
+    untrained = json.loads((results / "untrained.json").read_text())
+    assert training["settings"] == report["settings"] and training["prompts"] == 342
+    default, why = becomes_default(report, card["greedy"]["agreement"], untrained)
+    assert card["decision"] == {"default": default, "why": why} and not default
+    assert card["greedy"]["control"]["agreement"] > card["greedy"]["agreement"]
+    assert shipped_adapter() is None  # so the default model stays the base
+    assert (adapter / "adapter_model.safetensors").stat().st_size < 2_000_000
