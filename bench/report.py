@@ -357,6 +357,31 @@ def _points(rows: list[Row], x: str) -> list[tuple[float, float, Row]]:
     return sorted(((xv, y, r) for xv, y, r in pts if xv is not None and xv > 0), key=lambda p: p[:2])
 
 
+def _row_curve(
+    label: str,
+    pts: list[tuple[float, float, Row]],
+    ci: dict[int, tuple[float, float]],
+    tag: str | None,
+    color: str,
+    marker: str,
+    band: bool = False,
+) -> Curve:
+    """One method's points (from ``_points``) as a curve, each tagged with its config's ``tag`` value."""
+    short = {"threshold": "t", "n": "n"}
+    return Curve(
+        label=label,
+        x=[p[0] for p in pts],
+        y=[p[1] for p in pts],
+        low=[ci[id(p[2])][0] for p in pts],
+        high=[ci[id(p[2])][1] for p in pts],
+        tags=[f"{short[tag]}={p[2].config[tag]:g}" for p in pts] if tag else [],
+        color=color,
+        marker=marker,
+        linestyle="-" if len(pts) > 1 else "none",
+        band=band,
+    )
+
+
 def _accuracy_plot(section: Section, x: str, ci: dict[int, tuple[float, float]]) -> Plot | None:
     xlabel, xscale = {
         "samples": ("average samples per question (log scale)", "log2"),
@@ -369,20 +394,9 @@ def _accuracy_plot(section: Section, x: str, ci: dict[int, tuple[float, float]])
             pts = _points(rows, x)
             if not pts:
                 continue
-            many = len(pts) > 1
+            tag = "threshold" if method == "adaptive" else None
             curves.append(
-                Curve(
-                    label=label,
-                    x=[p[0] for p in pts],
-                    y=[p[1] for p in pts],
-                    low=[ci[id(p[2])][0] for p in pts],
-                    high=[ci[id(p[2])][1] for p in pts],
-                    tags=[f"t={p[2].config['threshold']:g}" for p in pts] if method == "adaptive" else [],
-                    color=color,
-                    marker=marker,
-                    linestyle="-" if many else "none",
-                    band=many and method != "adaptive",
-                )
+                _row_curve(label, pts, ci, tag, color, marker, band=len(pts) > 1 and method != "adaptive")
             )
     if not curves:
         return None
@@ -428,17 +442,7 @@ def _pruning_plot(section: Section, ci: dict[int, tuple[float, float]]) -> Plot 
             pts = _points(rows, "generated_tokens")
             if pts:
                 curves.append(
-                    Curve(
-                        label=label,
-                        x=[p[0] for p in pts],
-                        y=[p[1] for p in pts],
-                        low=[ci[id(p[2])][0] for p in pts],
-                        high=[ci[id(p[2])][1] for p in pts],
-                        tags=[f"n={p[2].config['n']}" for p in pts] if method == "best-of-n" else [],
-                        color=color,
-                        marker=marker,
-                        linestyle="-" if len(pts) > 1 else "none",
-                    )
+                    _row_curve(label, pts, ci, "n" if method == "best-of-n" else None, color, marker)
                 )
     panel = Panel(
         "average generated tokens per question", _ylabel(section), curves, legend="below", legend_columns=2

@@ -195,22 +195,12 @@ def test_cli_cross_validates_probes_exports_and_writes_the_card(
     assert res.exit_code == 2 and "--layers must be within [0, 2]" in res.output
 
     adapter = tmp_path / "adapter"
-    res = _cli(
-        "finetune",
-        "top",
-        "--cache",
-        cache_dir,
-        "--model",
-        four_layer_model,
-        "--out",
-        adapter,
-        "--cv",
-        0,
-        "--epochs",
-        1,
-        "--dtype",
-        "float32",
-    )
+
+    def export(*extra):
+        top = ["finetune", "top", "--cache", cache_dir, "--model", four_layer_model, "--out", adapter]
+        return _cli(*top, "--cv", 0, "--epochs", 1, "--dtype", "float32", *extra)
+
+    res = export()
     assert res.exit_code == 0, res.output
     assert (adapter / "adapter_model.safetensors").is_file()
     card = json.loads((adapter / "training.json").read_text())
@@ -221,24 +211,7 @@ def test_cli_cross_validates_probes_exports_and_writes_the_card(
     card_args = ["finetune", "card", "--adapter", adapter, "--model", four_layer_model, "--dtype", "float32"]
     res = _cli(*card_args, "--report", out / "k1.json")
     assert res.exit_code == 2 and "cross-validated other settings" in res.output
-    res = _cli(
-        "finetune",
-        "top",
-        "--cache",
-        cache_dir,
-        "--model",
-        four_layer_model,
-        "--out",
-        adapter,
-        "--cv",
-        0,
-        "--epochs",
-        1,
-        "--prompts-per-step",
-        1,
-        "--dtype",
-        "float32",
-    )
+    res = export("--prompts-per-step", 1)
     assert res.exit_code == 0, res.output
     times = tmp_path / "times.tsv"
     times.write_text("cache\t60.5\t1024\nfinal\t30\t2048\nmerge\t6\t\n")
